@@ -1,0 +1,169 @@
+"""Captions per shard: a person's edits win, then the auto-captioner's cache, then the captioner.
+
+Sources, in order of precedence:
+1. ``captions.csv`` in the dataset folder (columns ``path,caption``) — passed in as ``overrides``;
+2. a sidecar file next to the image (``img.txt``, or kohya's ``img.caption``);
+3. the content-addressed cache ``<cache>/<captioner-id>/<sha[:2]>/<sha256>.txt``, keyed by the image
+   bytes and the captioner's settings, so a renamed file or a captioner switched away and back costs
+   nothing;
+4. the captioner itself (``template`` or ``blip``); ``none`` means every image needs an edit or sidecar.
+The cache is written only by the captioner; edits are never written anywhere but where the person
+put them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import atomic_write_text
+from .manifest import read_jsonl
+
+log = logging.getLogger(__name__)
+SIDECAR_EXTENSIONS = (".txt", ".caption")
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    captioner: str  # template | blip | none
+    template: str = "a photo of {trigger}"
+    trigger: str = ""
+    prefix: str = ""
+    blip_model: str | None = None
+    blip_model_hash: str = ""
+
+    def captioner_id(self) -> str:
+        """Cache namespace: the captioner and every setting that changes what it writes."""
+        if self.captioner == "template":
+            blob = json.dumps([self.template, self.trigger])
+        elif self.captioner == "blip":
+            blob = json.dumps([self.blip_model_hash])
+        else:
+            blob = ""
+        return f"{self.captioner}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def read_overrides(csv_path: str | os.PathLike) -> dict[str, str]:
+    """Read a person's caption edits (``path,caption`` rows; header required)."""
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"path", "caption"} <= set(reader.fieldnames):
+            raise ValueError(f"{csv_path}: needs a header with columns 'path' and 'caption'")
+        return {row["path"]: row["caption"].strip() for row in reader if row.get("path")}
+
+
+def sidecar_of(root: Path, rel: str) -> Path | None:
+    stem = os.path.splitext(rel)[0]
+    for ext in SIDECAR_EXTENSIONS:
+        p = root / (stem + ext)
+        if p.is_file():
+            return p
+    return None
+
+
+def _cache_path(cache_dir: Path, cid: str, sha: str) -> Path:
+    return cache_dir / cid / sha[:2] / f"{sha}.txt"
+
+
+def caption_shard(
+    root: str | os.PathLike,
+    manifest_jsonl: str | os.PathLike,
+    settings: CaptionSettings,
+    cache_dir: str | os.PathLike,
+    out_jsonl: str | os.PathLike,
+    overrides: Mapping[str, str] | None = None,
+) -> Counter:
+    """Caption every valid image of one shard; write ``{path, sha256, caption, source}`` lines.
+
+    Returns:
+        Counts per source (``edit``, ``sidecar``, ``cache``, ``template``, ``blip``) plus ``empty``.
+    """
+    root, cache_dir = Path(root), Path(cache_dir)
+    overrides = overrides or {}
+    records = [r for r in read_jsonl(manifest_jsonl) if r["status"] == "ok"]
+    cid = settings.captioner_id()
+    counts: Counter = Counter()
+    out: dict[str, dict] = {}
+    todo = []
+    for r in records:
+        rel, sha = r["path"], r["sha256"]
+        side = sidecar_of(root, rel)
+        if rel in overrides:
+            text, source = overrides[rel], "edit"
+        elif side is not None:
+            text, source = side.read_text(encoding="utf-8").strip(), "sidecar"
+        elif settings.captioner == "none":
+            raise FileNotFoundError(
+                f"{root / rel}: no caption (captioner 'none' needs a sidecar .txt or a captions.csv row)"
+            )
+        elif _cache_path(cache_dir, cid, sha).is_file():
+            text, source = _cache_path(cache_dir, cid, sha).read_text(encoding="utf-8"), "cache"
+        else:
+            todo.append(r)
+            continue
+        out[rel] = {"path": rel, "sha256": sha, "caption": text, "source": source}
+    if todo:
+        if settings.captioner == "template":
+            texts = [settings.template.format(trigger=settings.trigger) for _ in todo]
+        else:
+            texts = blip_captions([root / r["path"] for r in todo], settings.blip_model)
+        for r, text in zip(todo, texts, strict=True):
+            atomic_write_text(_cache_path(cache_dir, cid, r["sha256"]), text)
+            out[r["path"]] = {
+                "path": r["path"], "sha256": r["sha256"], "caption": text,
+                "source": settings.captioner,
+            }
+    lines = []
+    for rel in sorted(out):
+        rec = out[rel]
+        if settings.prefix and rec["source"] not in ("edit", "sidecar"):
+            rec["caption"] = f"{settings.prefix}{rec['caption']}"
+        counts[rec["source"]] += 1
+        if not rec["caption"]:
+            counts["empty"] += 1
+        lines.append(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
+    atomic_write_text(out_jsonl, "".join(lines))
+    n = len(records)
+    hits = counts["cache"]
+    misses = len(todo)
+    log.info(
+        "captions: %d images; sources %s; cache hit rate %s",
+        n, dict(sorted(counts.items())),
+        f"{hits / (hits + misses):.0%}" if hits + misses else "n/a",
+    )
+    if n and counts["empty"] > n / 2:
+        log.warning("%d of %d captions are empty: check sidecar names (.txt)", counts["empty"], n)
+    return counts
+
+
+def blip_captions(paths: list[Path], model_path: str | None, batch_size: int = 8) -> list[str]:
+    """Caption images with a BLIP model loaded from a local folder (GPU when present)."""
+    if not model_path or not Path(model_path).is_dir():
+        raise FileNotFoundError(
+            f"datasets.*.blip_model: BLIP model folder not found: {model_path!r} "
+            "(download e.g. Salesforce/blip-image-captioning-base to a local folder)"
+        )
+    import torch
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from .images import load_rgb
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    processor = BlipProcessor.from_pretrained(model_path, local_files_only=True)
+    model = BlipForConditionalGeneration.from_pretrained(model_path, local_files_only=True)
+    model.to(device).eval()
+    out: list[str] = []
+    for i in range(0, len(paths), batch_size):
+        imgs = [load_rgb(p.read_bytes(), max_pixels=1 << 31) for p in paths[i : i + batch_size]]
+        inputs = processor(images=imgs, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            ids = model.generate(**inputs, max_new_tokens=40)
+        out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    return out

@@ -1,0 +1,100 @@
+"""WebDataset shards of training-ready images: decoded, EXIF-transposed, RGB, bucketed.
+
+One tar per shard (``<key>.png`` + ``<key>.json``) plus a jsonl index with one line per sample
+(key, path, sha256, bucket, crop, caption, and the sha256 of the stored PNG). Tars are byte-for-byte
+reproducible: fixed member order, fixed mtime/uid/gid, deterministic PNG encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .images import Bucket, load_rgb, make_buckets, nearest_bucket, parse_colour, resize_crop
+from .io import atomic_path, atomic_write_text
+from .manifest import read_jsonl
+
+TAR_MTIME = 0.0
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    resolution: int
+    bucket_step: int
+    buckets: bool
+    max_pixels: int
+    background: str
+
+
+def sample_key(relpath: str) -> str:
+    """WebDataset key of an image: stable, unique per path, free of dots and slashes."""
+    return hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:20]
+
+
+def write_shard(
+    root: str | os.PathLike,
+    manifest_jsonl: str | os.PathLike,
+    captions_jsonl: str | os.PathLike,
+    settings: ShardSettings,
+    out_tar: str | os.PathLike,
+    out_index: str | os.PathLike,
+) -> int:
+    """Write one shard's tar and index; returns the number of samples written."""
+    import webdataset as wds
+    from PIL import Image
+
+    root = Path(root)
+    captions = {r["path"]: r for r in read_jsonl(captions_jsonl)}
+    records = [r for r in read_jsonl(manifest_jsonl) if r["status"] == "ok"]
+    if settings.buckets:
+        buckets = make_buckets(settings.resolution, settings.bucket_step)
+    index = []
+    with atomic_path(out_tar) as tmp, open(tmp, "wb") as fh:
+        writer = wds.TarWriter(fh, mtime=TAR_MTIME, user="lorapipe", group="lorapipe")
+        for r in sorted(records, key=lambda r: sample_key(r["path"])):
+            data = (root / r["path"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != r["sha256"]:
+                raise RuntimeError(
+                    f"{root / r['path']}: changed since it was scanned; rerun the workflow"
+                )
+            img = load_rgb(
+                data, max_pixels=settings.max_pixels, background=parse_colour(settings.background)
+            )
+            if settings.buckets:
+                bucket = nearest_bucket(*img.size, buckets)
+            else:
+                bucket = Bucket(settings.resolution, settings.resolution)
+            img, crop = resize_crop(img, bucket)
+            buf = io.BytesIO()
+            img.save(buf, format="PNG", compress_level=1)
+            png = buf.getvalue()
+            meta = {
+                "path": r["path"],
+                "sha256": r["sha256"],
+                "caption": captions[r["path"]]["caption"],
+                "original_size": [r["width"], r["height"]],
+                "size": [bucket.width, bucket.height],
+                "crop": list(crop),
+            }
+            key = sample_key(r["path"])
+            writer.write({"__key__": key, "png": png, "json": json.dumps(meta, sort_keys=True)})
+            index.append({"key": key, "png_sha256": hashlib.sha256(png).hexdigest(), **meta})
+        writer.close()
+    atomic_write_text(
+        out_index, "".join(json.dumps(x, sort_keys=True, ensure_ascii=False) + "\n" for x in index)
+    )
+    return len(index)
+
+
+def read_samples(tar_path: str | os.PathLike):
+    """Iterate ``(key, PIL image, meta)`` from a shard, in stored order, via WebDataset."""
+    import webdataset as wds
+
+    ds = wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False).decode("pil")
+    for s in ds:
+        meta = s["json"]
+        yield s["__key__"], s["png"], meta

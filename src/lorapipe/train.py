@@ -1,0 +1,386 @@
+"""The LoRA training loop: read it top to bottom.
+
+Reproducibility rules this loop keeps (see DESIGN.md, principle 6):
+- the batch order of epoch ``e`` is a pure function of (seed, e), and every random draw for a sample
+  (latent sample, noise, timestep, caption dropout) comes from a generator seeded by
+  (seed, epoch, sample key) — never from global RNG state. So a resumed run sees each sample exactly
+  once per epoch and draws the same numbers an uninterrupted run would have drawn;
+- a checkpoint holds LoRA weights, optimizer, LR schedule, scaler and the step; the data position is
+  derived from the step. Resuming from it gives bit-identical LoRA bytes on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig
+from .io import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many micro-batches and optimizer steps a run has."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    save_steps: int
+
+
+def _seed_of(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def epoch_batches(samples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of sample indices for one epoch: shuffled within each bucket, batches shuffled.
+
+    A batch never mixes bucket sizes. Pure function of (sample keys, batch size, seed, epoch).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(_seed_of(seed, "order", epoch))
+    by_size: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_size.setdefault(tuple(s["meta"]["size"]), []).append(i)
+    batches = []
+    for size in sorted(by_size):
+        idx = by_size[size]
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        idx = [idx[j] for j in perm]
+        batches += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[j] for j in order]
+
+
+def make_plan(samples: list[dict], run: RunConfig) -> Plan:
+    by_size: dict[tuple, int] = {}
+    for s in samples:
+        by_size[tuple(s["meta"]["size"])] = by_size.get(tuple(s["meta"]["size"]), 0) + 1
+    batches = sum(math.ceil(n / run.batch_size) for n in by_size.values())
+    spe = math.ceil(batches / run.gradient_accumulation)
+    total = run.max_steps or spe * run.epochs
+    epochs = math.ceil(total / spe)
+    save = run.save_steps or max(1, total // 10)
+    return Plan(batches, spe, total, epochs, save)
+
+
+def resolve_precision(setting: str, device: str) -> str:
+    """``auto`` → bf16 on a GPU that supports it, else fp16 on GPU; ``no`` on CPU (bit-exact)."""
+    import torch
+
+    if setting != "auto":
+        return setting
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def resolve_compile(setting, device: str) -> bool:
+    return device == "cuda" if setting == "auto" else bool(setting)
+
+
+def _draw(sample: dict, seed: int, epoch: int, num_timesteps: int, noise_offset: float):
+    """The random numbers one sample gets in one epoch, from its own generator."""
+    import torch
+
+    g = torch.Generator().manual_seed(_seed_of(seed, "sample", epoch, sample["key"]))
+    mean = sample["mean"].float()
+    eps_latent = torch.randn(mean.shape, generator=g)
+    noise = torch.randn(mean.shape, generator=g)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((mean.shape[0], 1, 1), generator=g)
+    t = int(torch.randint(0, num_timesteps, (1,), generator=g))
+    drop = float(torch.rand((), generator=g))
+    return eps_latent, noise, t, drop
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and (p / "state.json").exists())
+
+
+def train(
+    run: RunConfig,
+    latent_shards: list[str],
+    model_path: str,
+    out_dir: str | os.PathLike,
+    ckpt_dir: str | os.PathLike,
+    fingerprint: str,
+    stop_after: int | None = None,
+) -> dict:
+    """Train one LoRA; resume from ``ckpt_dir`` when it holds a checkpoint of this fingerprint.
+
+    Writes ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys, alpha in metadata),
+    ``metrics.jsonl`` and ``loss.png`` into ``out_dir``.
+
+    Args:
+        fingerprint: identity of (config, data, model, code); checkpoints of another fingerprint
+            are never resumed.
+        stop_after: stop (without writing outputs) after this step — for tests of resume.
+
+    Returns:
+        Summary: steps, epochs, final loss, timings.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from .latents import load_latent_shards
+    from .models import adapter_metadata, load_parts, lora_config, vae_scaling_factor
+
+    t_start = time.perf_counter()
+    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir) / fingerprint[:16]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(run.mixed_precision, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if precision == "fp16" and device == "cpu":
+        raise ValueError(f"runs.{run.name}.mixed_precision: fp16 needs a GPU; use bf16 or no")
+
+    samples = load_latent_shards(latent_shards)
+    if not samples:
+        raise ValueError(f"run {run.name}: no training samples in {len(latent_shards)} shard(s)")
+    plan = make_plan(samples, run)
+
+    parts = load_parts(model_path, ("unet", "scheduler", "vae", "text_encoder", "tokenizer"))
+    unet, noise_sched = parts["unet"], parts["scheduler"]
+    scaling = vae_scaling_factor(parts["vae"])
+    with torch.inference_mode():
+        tok = parts["tokenizer"]
+        ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+        empty_text = parts["text_encoder"](ids.input_ids)[0][0].clone()
+    del parts
+    prediction = noise_sched.config.prediction_type
+
+    unet.requires_grad_(False)
+    torch.manual_seed(run.seed)  # LoRA init (gaussian A) is the only use of global RNG
+    cfg = lora_config(run.lora_rank, run.lora_alpha, run.target_modules, run.lora_dropout)
+    unet.add_adapter(cfg)
+    if run.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if amp_dtype is not None:  # frozen weights in the AMP dtype; LoRA master weights stay fp32
+        for n, p in unet.named_parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(amp_dtype)
+    unet.to(device).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params,
+        lr=run.learning_rate,
+        betas=(run.adam_beta1, run.adam_beta2),
+        weight_decay=run.weight_decay,
+        eps=run.adam_epsilon,
+    )
+    sched = get_scheduler(
+        run.lr_scheduler,
+        optimizer=opt,
+        num_warmup_steps=run.warmup_steps,
+        num_training_steps=plan.total_steps,
+    )
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+
+    step, metrics = 0, []
+    ckpts = _checkpoints(ckpt_dir)
+    if ckpts:
+        last = ckpts[-1]
+        state = json.loads((last / "state.json").read_text())
+        set_peft_model_state_dict(unet, load_file(last / "lora.safetensors", device=device))
+        opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location=device))
+        sched.load_state_dict(state["lr_scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        metrics = [json.loads(x) for x in (last / "metrics.jsonl").read_text().splitlines() if x]
+        log.info("resumed from %s (step %d/%d)", last, step, plan.total_steps)
+
+    forward = unet
+    compile_s = 0.0
+    if resolve_compile(run.compile, device):
+        forward = torch.compile(unet)
+
+    def save_checkpoint():
+        final = ckpt_dir / f"step-{step:06d}"
+        tmp = ckpt_dir / f".step-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lora = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+        save_file(lora, tmp / "lora.safetensors")
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        state = {
+            "step": step,
+            "fingerprint": fingerprint,
+            "lr_scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        }
+        (tmp / "state.json").write_text(json.dumps(state, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    log.info(
+        "run %s: %d samples, %d steps (%d epochs x %d), precision %s, device %s, compile %s",
+        run.name, len(samples), plan.total_steps, plan.epochs, plan.steps_per_epoch,
+        precision, device, forward is not unet,
+    )
+    t_loop = time.perf_counter()
+    steps_at_loop_start = step
+    while step < plan.total_steps:
+        epoch, local = divmod(step, plan.steps_per_epoch)
+        batches = epoch_batches(samples, run.batch_size, run.seed, epoch)
+        micro = batches[local * run.gradient_accumulation : (local + 1) * run.gradient_accumulation]
+        t0 = time.perf_counter()
+        n_images = sum(len(b) for b in micro)
+        loss_sum, data_s = 0.0, 0.0
+        for batch in micro:
+            td = time.perf_counter()
+            lat, noise, ts, text = [], [], [], []
+            for i in batch:
+                s = samples[i]
+                eps_latent, nz, t, drop = _draw(s, run.seed, epoch, noise_sched.config.num_train_timesteps, run.noise_offset)
+                z = s["mean"].float() + torch.exp(0.5 * s["logvar"].float()) * eps_latent
+                lat.append(z * scaling)
+                noise.append(nz)
+                ts.append(t)
+                text.append(empty_text if drop < run.caption_dropout else s["text"].float())
+            latents = torch.stack(lat).to(device)
+            noise_t = torch.stack(noise).to(device)
+            timesteps = torch.tensor(ts, device=device, dtype=torch.long)
+            cond = torch.stack(text).to(device)
+            noisy = noise_sched.add_noise(latents, noise_t, timesteps)
+            target = noise_t if prediction == "epsilon" else noise_sched.get_velocity(latents, noise_t, timesteps)
+            data_s += time.perf_counter() - td
+            tc = time.perf_counter()
+            with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                try:
+                    pred = forward(noisy, timesteps, cond, return_dict=False)[0]
+                except Exception as e:  # a failed compile must not lose the run
+                    if forward is unet:
+                        raise
+                    log.warning("torch.compile failed (%s: %s); training eagerly", type(e).__name__, e)
+                    forward = unet
+                    pred = forward(noisy, timesteps, cond, return_dict=False)[0]
+            if step == steps_at_loop_start and forward is not unet:
+                compile_s = time.perf_counter() - tc
+            err = (pred.float() - target.float()) ** 2
+            per_sample = err.mean(dim=(1, 2, 3))
+            if run.min_snr_gamma:
+                snr = compute_snr(noise_sched, timesteps)
+                w = torch.minimum(snr, torch.full_like(snr, run.min_snr_gamma))
+                w = w / snr if prediction == "epsilon" else w / (snr + 1)
+                per_sample = per_sample * w
+            loss = per_sample.mean() * len(batch) / n_images
+            if not torch.isfinite(loss) and not scaler.is_enabled():
+                paths = [samples[i]["meta"]["path"] for i in batch]
+                raise FloatingPointError(
+                    f"run {run.name}: non-finite loss at step {step + 1} (samples: {paths}); "
+                    f"last good checkpoint kept in {ckpt_dir}"
+                )
+            scaler.scale(loss).backward()
+            loss_sum += float(loss)
+        scaler.unscale_(opt)
+        if run.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(opt)
+        scaler.update()
+        skipped = scale_before is not None and scaler.get_scale() < scale_before
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        m = {
+            "step": step,
+            "epoch": epoch + 1,
+            "loss": loss_sum,
+            "lr": sched.get_last_lr()[0],
+            "images_per_s": n_images / dt if dt > 0 else 0.0,
+            "data_wait": data_s / dt if dt > 0 else 0.0,
+            "skipped": bool(skipped),
+        }
+        metrics.append(m)
+        done = step - steps_at_loop_start
+        eta = (time.perf_counter() - t_loop) / done * (plan.total_steps - step)
+        log.info(
+            "Epoch %d/%d | Step %d/%d | Loss %.4f | LR %.2e | %.1f img/s | data %.0f%% | ETA %s",
+            epoch + 1, plan.epochs, step, plan.total_steps, loss_sum, m["lr"],
+            m["images_per_s"], 100 * m["data_wait"], _fmt_eta(eta),
+        )
+        if step % plan.save_steps == 0 and step < plan.total_steps:
+            save_checkpoint()
+        if stop_after is not None and step >= stop_after:
+            return {"stopped_at": step}
+
+    # Export: diffusers/PEFT keys, with the adapter config (alpha!) in the metadata.
+    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    lora = {k: v.detach().float().cpu().contiguous() for k, v in lora.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / ".export.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(
+        staging, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata(cfg)
+    )
+    os.replace(staging / "pytorch_lora_weights.safetensors", out_dir / "pytorch_lora_weights.safetensors")
+    shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    plot_loss(metrics, out_dir / "loss.png", run.name)
+    steady = [m["images_per_s"] for m in metrics[steps_at_loop_start + 1 :]]
+    summary = {
+        "steps": step,
+        "epochs": plan.epochs,
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "precision": precision,
+        "device": device,
+        "compiled": forward is not unet,
+        "compile_s": compile_s,
+        "wall_s": time.perf_counter() - t_start,
+        "images_per_s_steady": sum(steady) / len(steady) if steady else None,
+    }
+    atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def plot_loss(metrics: list[dict], path: str | os.PathLike, title: str) -> None:
+    """Loss per step (and a moving average) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    loss = [m["loss"] for m in metrics]
+    k = max(1, len(loss) // 20)
+    avg = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, loss, alpha=0.35, label="loss")
+    ax.plot(steps, avg, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"run {title}")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
