@@ -312,6 +312,7 @@ def train(
             "images_per_s": n_images / dt if dt > 0 else 0.0,
             "data_wait": data_s / dt if dt > 0 else 0.0,
             "skipped": bool(skipped),
+            "time": time.time(),
         }
         metrics.append(m)
         done = step - steps_at_loop_start

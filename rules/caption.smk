@@ -1,0 +1,19 @@
+rule caption:
+    """Captions for one shard: edits and sidecars win, then the content-addressed cache."""
+    input:
+        manifest="results/{dataset}/manifest/{shard}.jsonl",
+        sidecars=get_shard_sidecars,
+    output:
+        "results/{dataset}/captions/{shard}.jsonl",
+    params:
+        root=get_root,
+        settings=get_caption_settings,
+        overrides=get_shard_overrides,
+        cache="results/cache/captions",
+        code=code_version("captions", "manifest", "io"),
+    log:
+        "logs/caption/{dataset}/{shard}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/caption.py"

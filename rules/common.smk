@@ -1,0 +1,235 @@
+# Helpers shared by all rules. Cheap on purpose: this file runs for every job (and every cluster
+# job), so it imports no torch or diffusers; the lorapipe modules it uses are stdlib + PyYAML.
+import csv
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from lorapipe import config as lpconfig
+from lorapipe.demo import demo_files
+from lorapipe.fingerprint import code_version, versions
+from lorapipe.images import IMAGE_EXTENSIONS, pil_identity
+from lorapipe.manifest import list_images, shard_files
+
+try:
+    lpconfig.load_config(config)
+except lpconfig.ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
+NAME = "[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
+wildcard_constraints:
+    dataset=NAME,
+    run=NAME,
+    model=NAME,
+    shard=r"\d{5}",
+    res=r"\d+",
+
+
+DATASETS = config["datasets"]
+MODELS = config["base_models"]
+RUNS = {name: lpconfig.resolve_run(config, name) for name in config["runs"]}
+ENV = "../envs/lorapipe.yaml"
+# Which versions of numeric libraries made a file is part of its identity (DESIGN.md, principle 6).
+LIBS_IMAGE = pil_identity()
+LIBS_TORCH = versions("torch", "diffusers", "transformers", "peft")
+MODEL_FILES = {
+    "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "vae": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "text_encoder": ["config.json", "model.safetensors"],
+    "tokenizer": ["tokenizer.json", "tokenizer_config.json"],
+    "scheduler": ["scheduler_config.json"],
+}
+
+
+def shard_ids(dataset):
+    return [f"{i:05d}" for i in range(DATASETS[dataset]["shards"])]
+
+
+_listing = {}
+
+
+def dataset_images(dataset):
+    """Relative paths of the dataset's images (known without generating synthetic data)."""
+    if dataset not in _listing:
+        ds = DATASETS[dataset]
+        if "synthetic" in ds:
+            files = demo_files(ds["synthetic"]["images"])
+            _listing[dataset] = sorted(
+                f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            )
+        else:
+            _listing[dataset] = list_images(ds["path"])
+    return _listing[dataset]
+
+
+def shard_relpaths(dataset, shard):
+    return shard_files(dataset_images(dataset), DATASETS[dataset]["shards"], int(shard))
+
+
+def get_shard_images(wildcards):
+    root = Path(DATASETS[wildcards.dataset]["path"])
+    return [str(root / p) for p in shard_relpaths(wildcards.dataset, wildcards.shard)]
+
+
+def get_shard_sidecars(wildcards):
+    """Sidecar captions of a shard's images that exist (a new or edited one restales the shard)."""
+    ds = DATASETS[wildcards.dataset]
+    root = Path(ds["path"])
+    out = []
+    synthetic = set(demo_files(ds["synthetic"]["images"])) if "synthetic" in ds else None
+    for rel in shard_relpaths(wildcards.dataset, wildcards.shard):
+        stem = rel.rsplit(".", 1)[0]
+        for ext in (".txt", ".caption"):
+            cand = stem + ext
+            if (synthetic is not None and cand in synthetic) or (root / cand).is_file():
+                out.append(str(root / cand))
+                break
+    return out
+
+
+_overrides = {}
+
+
+def get_shard_overrides(wildcards):
+    """A person's caption edits (captions.csv) for this shard only: a param, so editing one row
+    restales only the shard holding that image."""
+    ds = wildcards.dataset
+    if ds not in _overrides:
+        path = Path(DATASETS[ds]["path"]) / "captions.csv"
+        if path.is_file():
+            from lorapipe.captions import read_overrides
+
+            _overrides[ds] = read_overrides(path)
+        else:
+            _overrides[ds] = {}
+    mine = set(shard_relpaths(ds, wildcards.shard))
+    return {k: v for k, v in sorted(_overrides[ds].items()) if k in mine}
+
+
+def model_files(model, parts):
+    """Files of a base model a rule reads (so a changed model restales exactly its users)."""
+    path = Path(MODELS[model]["path"])
+    if path.suffix == ".safetensors":
+        return [str(path)]
+    out = ["model_index.json"] if "tiny" in MODELS[model] or (path / "model_index.json").exists() else []
+    for part in parts:
+        if "tiny" in MODELS[model]:
+            out += [f"{part}/{f}" for f in MODEL_FILES[part]]
+        else:
+            out += sorted(
+                str(p.relative_to(path)) for p in (path / part).rglob("*") if p.is_file()
+            )
+    return [str(path / f) for f in out]
+
+
+def latent_dir(run):
+    r = RUNS[run]
+    return f"results/{r.dataset}/latents/{r.base_model}-{DATASETS[r.dataset]['resolution']}"
+
+
+def get_run_latents(wildcards):
+    r = RUNS[wildcards.run]
+    return [f"{latent_dir(wildcards.run)}/{s}.tar" for s in shard_ids(r.dataset)]
+
+
+def get_run_captions(wildcards):
+    r = RUNS[wildcards.run]
+    return [f"results/{r.dataset}/captions/{s}.jsonl" for s in shard_ids(r.dataset)]
+
+
+def get_run_model_files(wildcards):
+    return model_files(RUNS[wildcards.run].base_model, list(MODEL_FILES))
+
+
+def get_run_manifest(wildcards):
+    return f"results/{RUNS[wildcards.run].dataset}/manifest.jsonl"
+
+
+def get_run_settings(wildcards):
+    return RUNS[wildcards.run].to_dict()
+
+
+def get_run_context(wildcards):
+    """What a run's config.yaml records besides its own settings."""
+    r = RUNS[wildcards.run]
+    return {
+        "dataset": {"name": r.dataset, **DATASETS[r.dataset]},
+        "base_model": {"name": r.base_model, **MODELS[r.base_model]},
+        "libraries": {**LIBS_TORCH, "pil": LIBS_IMAGE},
+    }
+
+
+def get_final_outputs():
+    out = []
+    for run in RUNS:
+        out += [
+            f"results/runs/{run}/pytorch_lora_weights.safetensors",
+            f"results/runs/{run}/{run}.safetensors",
+            f"results/runs/{run}/samples.png",
+            f"results/runs/{run}/mlflow.json",
+        ]
+    for ds in {r.dataset for r in RUNS.values()}:
+        out += [f"results/{ds}/manifest.jsonl", f"results/{ds}/rejected.tsv"]
+    return out
+
+
+def get_root(wildcards):
+    return DATASETS[wildcards.dataset]["path"]
+
+
+def get_shard_relpaths(wildcards):
+    return shard_relpaths(wildcards.dataset, wildcards.shard)
+
+
+def get_scan_settings(wildcards):
+    ds = DATASETS[wildcards.dataset]
+    return {k: ds[k] for k in ("resolution", "min_size", "max_pixels", "background")}
+
+
+def get_caption_settings(wildcards):
+    ds = DATASETS[wildcards.dataset]
+    return {
+        "captioner": ds["captioner"],
+        "template": ds["caption_template"],
+        "trigger": ds["trigger"],
+        "prefix": ds["caption_prefix"],
+        "blip_model": ds["blip_model"],
+    }
+
+
+def get_shard_settings(wildcards):
+    ds = DATASETS[wildcards.dataset]
+    return {
+        k: ds[k] for k in ("resolution", "bucket_step", "buckets", "max_pixels", "background")
+    }
+
+
+def get_dataset_manifests(wildcards):
+    return expand(
+        "results/{dataset}/manifest/{shard}.jsonl",
+        dataset=wildcards.dataset,
+        shard=shard_ids(wildcards.dataset),
+    )
+
+
+def get_encode_model_files(wildcards):
+    return model_files(wildcards.model, ["vae", "text_encoder", "tokenizer"])
+
+
+def get_model_path(wildcards):
+    return MODELS[wildcards.model]["path"]
+
+
+def get_run_model_path(wildcards):
+    return MODELS[RUNS[wildcards.run].base_model]["path"]
+
+
+def get_run_dataset(wildcards):
+    return RUNS[wildcards.run].dataset
+
+
+def get_mlflow_uri(wildcards):
+    return config["mlflow"]["tracking_uri"]

@@ -1,0 +1,45 @@
+# Inputs the workflow can make itself: tiny base models built from code and synthetic datasets.
+# One rule per configured entry (rules made in a loop), so their outputs are plain file lists.
+
+for _name, _bm in MODELS.items():
+    if "tiny" not in _bm:
+        continue
+
+    rule:
+        name:
+            f"tiny_model_{_name}"
+        output:
+            model_files(_name, list(MODEL_FILES)),
+        params:
+            path=_bm["path"],
+            seed=_bm["tiny"]["seed"],
+            code=code_version("tiny"),
+            libs=LIBS_TORCH,
+        log:
+            f"logs/tiny_model/{_name}.log",
+        conda:
+            ENV
+        script:
+            "../scripts/tiny_model.py"
+
+
+for _name, _ds in DATASETS.items():
+    if "synthetic" not in _ds:
+        continue
+
+    rule:
+        name:
+            f"demo_data_{_name}"
+        output:
+            [f"{_ds['path']}/{f}" for f in demo_files(_ds["synthetic"]["images"])],
+        params:
+            path=_ds["path"],
+            images=_ds["synthetic"]["images"],
+            seed=_ds["synthetic"]["seed"],
+            code=code_version("demo"),
+        log:
+            f"logs/demo_data/{_name}.log",
+        conda:
+            ENV
+        script:
+            "../scripts/demo_data.py"

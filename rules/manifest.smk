@@ -1,0 +1,36 @@
+rule manifest:
+    """Scan one shard: sha256, full decode, validation. Bad files are recorded, never fatal."""
+    input:
+        images=get_shard_images,
+    output:
+        "results/{dataset}/manifest/{shard}.jsonl",
+    params:
+        root=get_root,
+        files=get_shard_relpaths,
+        settings=get_scan_settings,
+        cache="results/cache/scan/{dataset}/{shard}.jsonl",
+        code=code_version("images", "manifest", "io"),
+        pil=LIBS_IMAGE,
+    log:
+        "logs/manifest/{dataset}/{shard}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/manifest.py"
+
+
+rule merge_manifest:
+    """Dataset-wide views (manifest.jsonl, rejected.tsv); no per-shard job reads them."""
+    input:
+        get_dataset_manifests,
+    output:
+        manifest="results/{dataset}/manifest.jsonl",
+        rejected="results/{dataset}/rejected.tsv",
+    params:
+        code=code_version("manifest", "io"),
+    log:
+        "logs/merge_manifest/{dataset}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/merge_manifest.py"

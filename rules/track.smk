@@ -1,0 +1,24 @@
+rule track:
+    """Log the run to MLflow: params, step metrics, artifacts, fingerprints."""
+    input:
+        config="results/runs/{run}/config.yaml",
+        metrics="results/runs/{run}/metrics.jsonl",
+        lora="results/runs/{run}/pytorch_lora_weights.safetensors",
+        kohya="results/runs/{run}/{run}.safetensors",
+        samples="results/runs/{run}/samples.png",
+        loss="results/runs/{run}/loss.png",
+        summary="results/runs/{run}/train_summary.json",
+    output:
+        "results/runs/{run}/mlflow.json",
+    params:
+        uri=get_mlflow_uri,
+        experiment=config["mlflow"]["experiment"],
+        code=code_version("tracking", "fingerprint", "io"),
+    resources:
+        mlflow_db=1,
+    log:
+        "logs/track/{run}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/track.py"

@@ -1,0 +1,12 @@
+import torch
+
+from lorapipe.logs import setup
+from lorapipe.runs import read_run_config
+from lorapipe.sampling import render_samples
+
+log = setup(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+run, _ = read_run_config(snakemake.input.config)
+size = read_run_config(snakemake.input.config, context=True)["dataset"]["resolution"]
+render_samples(snakemake.params.model_path, snakemake.input.lora.rsplit("/", 1)[0],
+               list(run.validation_prompts), snakemake.output[0], run.validation_steps, size, run.seed)

@@ -1,0 +1,7 @@
+from lorapipe.logs import setup
+from lorapipe.shards import ShardSettings, write_shard
+
+log = setup(snakemake.log[0])
+p, i, o = snakemake.params, snakemake.input, snakemake.output
+n = write_shard(p.root, i.manifest, i.captions, ShardSettings(**p.settings), o.tar, o.index)
+log.info("wrote %d samples to %s", n, o.tar)

@@ -1,0 +1,7 @@
+from lorapipe.logs import setup
+from lorapipe.runs import track_run
+
+log = setup(snakemake.log[0])
+i, p = snakemake.input, snakemake.params
+run_id = track_run(i, p.uri, p.experiment, snakemake.output[0])
+log.info("MLflow run %s", run_id)

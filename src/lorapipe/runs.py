@@ -1,0 +1,102 @@
+"""A run's identity on disk: the resolved config.yaml with its fingerprints, and what reads it.
+
+config.yaml holds everything needed to reproduce a run: its settings (defaults applied), the
+dataset and base-model blocks (paths included), library versions, and fingerprints of the config,
+the dataset manifest, the base model files and the code. The run fingerprint names its checkpoint
+folder, so a changed run never resumes a checkpoint of another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from .config import RunConfig
+from .fingerprint import REPO_ROOT_GUESS, digest, file_digest, git_state
+from .io import atomic_write_text
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return file_digest(files)
+
+
+def write_run_config(
+    run: dict, context: dict, code: str, manifest: str, model_path: str, out: str | os.PathLike
+) -> str:
+    """Write config.yaml; returns the run fingerprint."""
+    fps = {
+        "config": digest({"run": run, **{k: v for k, v in context.items() if k != "libraries"}}),
+        "dataset_manifest": file_digest([manifest]),
+        "base_model": model_digest(model_path),
+        "code": code,
+        "libraries": digest(context["libraries"]),
+    }
+    fps["run"] = digest(fps)
+    doc = {"run": run, **context, "fingerprints": fps, "git": git_state(REPO_ROOT_GUESS)}
+    atomic_write_text(out, yaml.safe_dump(doc, sort_keys=True, allow_unicode=True))
+    return fps["run"]
+
+
+def read_run_config(path: str | os.PathLike, context: bool = False):
+    """(RunConfig, run fingerprint) from a run's config.yaml; the whole document if ``context``."""
+    with open(path, encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh)
+    if context:
+        return doc
+    return RunConfig.from_dict(doc["run"]), doc["fingerprints"]["run"]
+
+
+def trace_metadata(doc: dict) -> dict[str, str]:
+    """lorapipe's own safetensors metadata: where an exported file came from."""
+    fps = doc["fingerprints"]
+    return {
+        "lorapipe_run": doc["run"]["name"],
+        "lorapipe_fingerprint": fps["run"],
+        "lorapipe_config_hash": fps["config"],
+        "lorapipe_dataset_manifest_hash": fps["dataset_manifest"],
+        "lorapipe_base_model_hash": fps["base_model"],
+        "lorapipe_code_version": fps["code"],
+        "lorapipe_git_commit": str(doc.get("git", {}).get("commit", "unknown")),
+    }
+
+
+def export_metadata(config_yaml: str, summary_json: str) -> tuple[dict, dict[str, str]]:
+    doc = read_run_config(config_yaml, context=True)
+    summary = json.loads(Path(summary_json).read_text())
+    extra = trace_metadata(doc)
+    extra.update(
+        {
+            "ss_steps": str(summary["steps"]),
+            "ss_epoch": str(summary["epochs"]),
+            "ss_num_epochs": str(summary["epochs"]),
+            "ss_resolution": f"({doc['dataset']['resolution']}, {doc['dataset']['resolution']})",
+            "ss_enable_bucket": str(doc["dataset"]["buckets"]),
+            "ss_sd_model_name": Path(doc["base_model"]["path"]).name,
+        }
+    )
+    return doc["run"], extra
+
+
+def track_run(inputs, uri: str | None, experiment: str, out_json: str) -> str:
+    """Log a finished run (the track rule's inputs) to MLflow."""
+    from .tracking import log_run, tracking_uri
+
+    doc = read_run_config(inputs.config, context=True)
+    summary = json.loads(Path(inputs.summary).read_text())
+    tags = {f"lorapipe.{k}": v for k, v in trace_metadata(doc).items() if k != "lorapipe_run"}
+    tags = {k.replace("lorapipe.lorapipe_", "lorapipe."): v for k, v in tags.items()}
+    tags["mlflow.source.git.commit"] = str(doc.get("git", {}).get("commit", "unknown"))
+    tags["lorapipe.git_dirty"] = str(doc.get("git", {}).get("dirty", False))
+    tags.update({f"summary.{k}": str(v) for k, v in summary.items()})
+    config = {k: v for k, v in doc.items() if k not in ("fingerprints", "git")}
+    artifacts = [inputs.config, inputs.lora, inputs.kohya, inputs.samples, inputs.loss, inputs.metrics]
+    return log_run(
+        run_name=doc["run"]["name"], experiment=experiment,
+        uri=tracking_uri(uri, os.getcwd()), config=config, metrics_jsonl=inputs.metrics,
+        artifacts=[str(a) for a in artifacts], tags=tags, out_json=out_json,
+    )

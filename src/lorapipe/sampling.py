@@ -1,0 +1,53 @@
+"""Sample images for fixed prompts and seeds, with the base model and with the trained LoRA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .io import atomic_path
+
+
+def render_samples(
+    model_path: str,
+    lora_dir: str | os.PathLike,
+    prompts: list[str],
+    out_png: str | os.PathLike,
+    steps: int = 20,
+    size: int = 512,
+    seed: int = 0,
+) -> None:
+    """A grid PNG: one column per prompt, top row base model, bottom row base + LoRA."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from .models import check_model_path
+
+    prompts = prompts or ["a photo"]
+    p = check_model_path(model_path)
+    if p.is_file():
+        pipe = StableDiffusionPipeline.from_single_file(str(p), local_files_only=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(p), local_files_only=True, safety_checker=None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device).set_progress_bar_config(disable=True)
+
+    def row():
+        out = []
+        for i, prompt in enumerate(prompts):
+            g = torch.Generator("cpu").manual_seed(seed + i)
+            out.append(
+                pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=g).images[0]
+            )
+        return out
+
+    base = row()
+    pipe.load_lora_weights(str(Path(lora_dir)))
+    tuned = row()
+    grid = Image.new("RGB", (size * len(prompts), size * 2), "white")
+    for i, (a, b) in enumerate(zip(base, tuned, strict=True)):
+        grid.paste(a, (i * size, 0))
+        grid.paste(b, (i * size, size))
+    with atomic_path(out_png) as tmp:
+        grid.save(tmp, format="PNG")
