@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny seeded SD model and small generated datasets, built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny SD-1.x-shaped diffusers folder, built from code with seed 0."""
+    from lorapipe.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory) -> Path:
+    """16 synthetic images (plus sidecars and one truncated JPEG)."""
+    from lorapipe.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("data") / "demo"
+    make_demo_dataset(root, images=16, seed=0)
+    return root
+
+
+@pytest.fixture()
+def repo() -> Path:
+    return REPO

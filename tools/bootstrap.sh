@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up .venv with everything lorapipe needs. Idempotent: a second run with nothing changed
+# returns in well under a second (a stamp records what was installed).
+#
+#   TORCH_SPEC   what to install for torch first (default: torch==2.13.0, a CPU build).
+#                GPU users: TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+#                or install torch into .venv yourself and set TORCH_SPEC=skip.
+#   PILLOW_SIMD  1 (default) builds pillow-simd in place of Pillow; 0 keeps Pillow.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+PILLOW_SIMD=${PILLOW_SIMD:-1}
+stamp="$VENV/.bootstrap-stamp"
+want=$(cat pyproject.toml tools/bootstrap.sh | sha256sum | cut -c1-16)-$TORCH_SPEC-$PILLOW_SIMD
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/snakemake" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade pip >/dev/null
+# 1. torch first: otherwise peft/accelerate pull a multi-GB CUDA build.
+if [ "$TORCH_SPEC" != "skip" ]; then
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install $TORCH_SPEC
+fi
+# 2. everything else, lorapipe itself editable.
+pip install -e ".[dev]"
+# 3. pillow-simd in place of Pillow (diffusers requires "pillow", so this must come last).
+if [ "$PILLOW_SIMD" = "1" ]; then
+  if ! "$VENV/bin/python" -m pip show pillow-simd >/dev/null 2>&1; then
+    pip uninstall -y pillow >/dev/null
+    if ! CC="cc -mavx2" pip install --no-cache-dir --no-deps --no-binary pillow-simd \
+        "pillow-simd==12.1.1.post0" >/dev/null 2>&1; then
+      echo "WARNING: pillow-simd failed to build (needs gcc, libjpeg-dev, zlib1g-dev);" \
+           "falling back to Pillow (resizing ~8x slower)." >&2
+      pip install "pillow>=10"
+    fi
+  fi
+fi
+"$VENV/bin/python" -c "import PIL, torch, diffusers, peft, webdataset, mlflow, snakemake" \
+  || { echo "bootstrap: import check failed" >&2; exit 1; }
+echo "$want" > "$stamp"
+"$VENV/bin/lorapipe" info
