@@ -34,16 +34,22 @@ def pil_identity() -> str:
     """Which imaging library is active, e.g. ``pillow-simd 12.1.1.post0`` or ``pillow 13.0.0``.
 
     Resized pixels differ between the two (±1 in ~0.5 % of values), so this is part of every cache
-    key of resized images. Reads package metadata only; does not import PIL.
+    key of resized images. Both distributions install the same ``PIL`` package, and a later
+    ``pip install`` of Pillow can overwrite pillow-simd's files while both stay listed as installed,
+    so the answer is the distribution whose version is that of the ``PIL`` actually imported.
     """
     from importlib import metadata
 
+    import PIL
+
+    active = PIL.__version__
     for dist in ("pillow-simd", "pillow"):
         try:
-            return f"{dist} {metadata.version(dist)}"
+            if metadata.version(dist) == active:
+                return f"{dist} {active}"
         except metadata.PackageNotFoundError:
             continue
-    return "none"
+    return f"PIL {active}"
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -75,6 +81,10 @@ def load_rgb(data: bytes, *, max_pixels: int, background: tuple[int, int, int] =
     """
     if not data:
         raise ImageRejected("empty", "file is empty (0 bytes)")
+    # Pillow's own bomb check (warning above MAX_IMAGE_PIXELS, ~89 Mpx by default) would reject
+    # images the configured max_pixels allows: make the configured limit the one Pillow uses.
+    saved_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -100,11 +110,15 @@ def load_rgb(data: bytes, *, max_pixels: int, background: tuple[int, int, int] =
         raise ImageRejected(code, f"cannot decode: {msg}") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a rejected file, never a crash
         raise ImageRejected("corrupt", f"cannot decode: {type(e).__name__}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block leaves the image as stored
         pass
     img = _to_8bit(img)
+    if img.mode in ("1", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")  # PNG tRNS colour key: that colour is transparent
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
     if img.mode in ("LA", "La", "PA"):
