@@ -135,6 +135,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def _tsv(field: str) -> str:
+    """A TSV cell: tabs and line breaks (legal in file names) escaped, one row per file."""
+    return field.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def merge_manifests(
     shard_jsonls: list[str], out_manifest: str | os.PathLike, out_rejected: str | os.PathLike
 ) -> dict[str, int]:
@@ -148,7 +153,7 @@ def merge_manifests(
     bad = [r for r in records if r["status"] != "ok"]
     atomic_write_text(out_manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     tsv = "path\tcode\treason\n" + "".join(
-        f"{r['path']}\t{r['code']}\t{r['reason'].replace(chr(9), ' ')}\n" for r in bad
+        f"{_tsv(r['path'])}\t{r['code']}\t{_tsv(r['reason'])}\n" for r in bad
     )
     atomic_write_text(out_rejected, tsv)
     if not ok:
