@@ -10,7 +10,10 @@ Only safetensors with string metadata: no pickles anywhere.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -18,15 +21,47 @@ from pathlib import Path
 from .io import atomic_path
 
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+SUFFIXES = {
+    ".lora.down.weight": "lora_down",
+    ".lora.up.weight": "lora_up",
+    ".lora_A.weight": "lora_down",
+    ".lora_B.weight": "lora_up",
+}
 
 
 def read_alpha(meta: dict[str, str], component: str = "unet") -> tuple[float, int]:
-    """(lora_alpha, rank) of ``component`` from a diffusers LoRA file's metadata."""
+    """(kohya alpha, rank) of ``component`` from a diffusers LoRA file's metadata.
+
+    kohya scales a module by alpha / rank. For a plain LoRA that is peft's lora_alpha; for rsLoRA
+    (scale alpha / sqrt(rank)) the equivalent kohya alpha is lora_alpha * sqrt(rank). Per-module
+    patterns and DoRA have no kohya equivalent here and are refused rather than exported wrong.
+    """
     raw = meta.get("lora_adapter_metadata")
     if not raw:
-        raise ValueError("diffusers LoRA file has no lora_adapter_metadata: alpha unknown")
-    cfg = json.loads(raw)
-    return float(cfg[f"{component}.lora_alpha"]), int(cfg[f"{component}.r"])
+        raise ValueError(
+            "diffusers LoRA file has no lora_adapter_metadata: lora_alpha unknown (save it with "
+            "save_lora_weights(..., unet_lora_adapter_metadata=...))"
+        )
+    try:
+        cfg = json.loads(raw)
+        alpha, rank = float(cfg[f"{component}.lora_alpha"]), int(cfg[f"{component}.r"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"lora_adapter_metadata has no usable {component}.lora_alpha / {component}.r: {e!r}"
+        ) from e
+    for key in ("alpha_pattern", "rank_pattern"):
+        if cfg.get(f"{component}.{key}"):
+            raise ValueError(f"{component}.{key} is set: per-module alpha/rank is not supported")
+    if cfg.get(f"{component}.use_dora"):
+        raise ValueError(f"{component}: DoRA adapters cannot be exported in the kohya LoRA layout")
+    if cfg.get(f"{component}.use_rslora"):
+        alpha *= math.sqrt(rank)
+    return alpha, rank
+
+
+def _num(x: float) -> str:
+    """8.0 -> "8", 0.5 -> "0.5" (how kohya's metadata spells dim and alpha)."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
 def kohya_state_dict(tensors: dict, meta: dict[str, str]) -> dict:
@@ -34,31 +69,69 @@ def kohya_state_dict(tensors: dict, meta: dict[str, str]) -> dict:
     import torch
 
     out = {}
+    ranks: dict[str, int] = {}
     for key, value in tensors.items():
-        component, rest = key.split(".", 1)
-        if component not in PREFIXES:
+        component, _, rest = key.partition(".")
+        if component not in PREFIXES or not rest:
             raise ValueError(f"unexpected key {key!r}: component must be one of {list(PREFIXES)}")
-        for suffix, kohya in ((".lora.down.weight", "lora_down"), (".lora.up.weight", "lora_up"),
-                              (".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up")):
-            if rest.endswith(suffix):
-                module = rest[: -len(suffix)]
-                break
-        else:
+        match = [
+            (rest[: -len(sfx)], kohya)
+            for sfx, kohya in SUFFIXES.items()
+            if rest.endswith(sfx) and len(rest) > len(sfx)
+        ]
+        if not match:
             raise ValueError(f"unexpected key {key!r}: not a LoRA down/up weight")
+        module, kohya = match[0]
         name = PREFIXES[component] + module.replace(".", "_")
+        if f"{name}.{kohya}.weight" in out:
+            raise ValueError(f"unexpected key {key!r}: a second {kohya} weight for {name}")
         out[f"{name}.{kohya}.weight"] = value.contiguous()
         if f"{name}.alpha" not in out:
-            alpha, _ = read_alpha(meta, component)
+            alpha, ranks[name] = read_alpha(meta, component)
             out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    for name, rank in ranks.items():
+        down, up = out.get(f"{name}.lora_down.weight"), out.get(f"{name}.lora_up.weight")
+        if down is None or up is None:
+            raise ValueError(f"{name}: has only one of lora_down/lora_up")
+        if down.shape[0] != rank or up.shape[1] != rank:
+            raise ValueError(
+                f"{name}: weights have rank {down.shape[0]}/{up.shape[1]}, metadata says r={rank}"
+            )
     return dict(sorted(out.items()))
 
 
-def kohya_metadata(run_cfg: dict, extra: dict[str, str], tag_frequency: dict) -> dict[str, str]:
-    """The ``ss_*`` fields UIs display, plus lorapipe's trace fields. All values are strings."""
+def safetensors_hashes(sd: dict, meta: dict[str, str]) -> tuple[str, str]:
+    """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` (as sd-scripts precalculates them).
+
+    model hash: sha256 of the tensor data after the header, serialized with the ``ss_*`` metadata
+    only; legacy hash: first 8 hex digits of sha256 of 64 KiB at offset 1 MiB of the same bytes.
+    """
+    from safetensors.torch import save
+
+    data = save(sd, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+    n = int.from_bytes(data[:8], "little")
+    model = hashlib.sha256(data[8 + n :]).hexdigest()
+    b = io.BytesIO(data)
+    b.seek(0x100000)
+    legacy = hashlib.sha256(b.read(0x10000)).hexdigest()[:8]
+    return model, legacy
+
+
+def kohya_metadata(
+    run_cfg: dict,
+    extra: dict[str, str],
+    tag_frequency: dict,
+    rank_alpha: tuple[int, float] | None = None,
+) -> dict[str, str]:
+    """The ``ss_*`` fields UIs display, plus lorapipe's trace fields. All values are strings.
+
+    ``rank_alpha`` (rank, kohya alpha), read from the LoRA file itself, wins over the run config.
+    """
+    rank, alpha = rank_alpha or (run_cfg["lora_rank"], run_cfg["lora_alpha"])
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(run_cfg["lora_rank"]),
-        "ss_network_alpha": str(run_cfg["lora_alpha"]),
+        "ss_network_dim": _num(rank),
+        "ss_network_alpha": _num(alpha),
         "ss_base_model_version": "sd_v1",
         "ss_sd_model_name": str(run_cfg["base_model"]),
         "ss_output_name": str(run_cfg["name"]),
@@ -75,7 +148,6 @@ def kohya_metadata(run_cfg: dict, extra: dict[str, str], tag_frequency: dict) ->
         "ss_noise_offset": str(run_cfg["noise_offset"]),
         "ss_caption_dropout_rate": str(run_cfg["caption_dropout"]),
         "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
-        "sshs_legacy_hash": "",
     }
     meta.update({k: str(v) for k, v in extra.items()})
     return meta
@@ -109,10 +181,11 @@ def export_kohya(
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     sd = kohya_state_dict(tensors, meta)
-    md = kohya_metadata(run_cfg, extra_meta, tag_frequency(list(caption_jsonls), dataset))
-    steps = extra_meta.get("ss_steps")
-    if steps:
-        md["ss_steps"] = steps
+    alpha, rank = read_alpha(meta, "unet")
+    md = kohya_metadata(
+        run_cfg, extra_meta, tag_frequency(list(caption_jsonls), dataset), (rank, alpha)
+    )
+    md["sshs_model_hash"], md["sshs_legacy_hash"] = safetensors_hashes(sd, md)
     with atomic_path(out_file) as tmp:
         save_file(sd, str(tmp), metadata=md)
     return len(sd)
