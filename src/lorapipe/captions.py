@@ -6,7 +6,8 @@ Sources, in order of precedence:
 3. the content-addressed cache ``<cache>/<captioner-id>/<sha[:2]>/<sha256>.txt``, keyed by the image
    bytes and the captioner's settings, so a renamed file or a captioner switched away and back costs
    nothing;
-4. the captioner itself (``template`` or ``blip``); ``none`` means every image needs an edit or sidecar.
+4. the captioner itself (``template`` or ``blip``); ``none`` means every image needs an edit or
+   sidecar.
 The cache is written only by the captioner; edits are never written anywhere but where the person
 put them.
 """
@@ -14,6 +15,7 @@ put them.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -44,19 +46,62 @@ class CaptionSettings:
         if self.captioner == "template":
             blob = json.dumps([self.template, self.trigger])
         elif self.captioner == "blip":
-            blob = json.dumps([self.blip_model_hash])
+            blob = json.dumps([self.blip_model_hash or _folder_digest(self.blip_model)])
         else:
             blob = ""
         return f"{self.captioner}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+@functools.lru_cache(maxsize=8)
+def _folder_digest(folder: str | None) -> str:
+    """Content hash of a model folder (every file's relative name and bytes), or ``"missing"``.
+
+    The BLIP cache namespace when no ``blip_model_hash`` is given: without it every BLIP model
+    would share one namespace and a switched model would be served the old model's captions.
+    """
+    if not folder or not Path(folder).is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    base = Path(folder)
+    for p in sorted(x for x in base.rglob("*") if x.is_file()):
+        h.update(p.relative_to(base).as_posix().encode() + b"\0")
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _read_text(path: Path) -> str:
+    """A person's text file: UTF-8, with or without the BOM Windows editors add."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def read_overrides(csv_path: str | os.PathLike) -> dict[str, str]:
-    """Read a person's caption edits (``path,caption`` rows; header required)."""
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    """Read a person's caption edits (``path,caption`` rows; header required).
+
+    Paths are relative to the dataset folder; a leading ``./`` is ignored. A UTF-8 BOM (Excel's
+    "CSV UTF-8") is accepted.
+    """
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"path", "caption"} <= set(reader.fieldnames):
+        fields = [f.strip() for f in reader.fieldnames or []]
+        if not {"path", "caption"} <= set(fields):
             raise ValueError(f"{csv_path}: needs a header with columns 'path' and 'caption'")
-        return {row["path"]: row["caption"].strip() for row in reader if row.get("path")}
+        reader.fieldnames = fields
+        out = {}
+        for row in reader:
+            rel = (row.get("path") or "").strip()
+            if not rel:
+                continue
+            if row.get("caption") is None:
+                raise ValueError(f"{csv_path}:{reader.line_num}: no caption column in this row")
+            while rel.startswith("./"):
+                rel = rel[2:]
+            out[rel] = row["caption"].strip()
+        return out
 
 
 def sidecar_of(root: Path, rel: str) -> Path | None:
@@ -98,10 +143,11 @@ def caption_shard(
         if rel in overrides:
             text, source = overrides[rel], "edit"
         elif side is not None:
-            text, source = side.read_text(encoding="utf-8").strip(), "sidecar"
+            text, source = _read_text(side).strip(), "sidecar"
         elif settings.captioner == "none":
             raise FileNotFoundError(
-                f"{root / rel}: no caption (captioner 'none' needs a sidecar .txt or a captions.csv row)"
+                f"{root / rel}: no caption "
+                "(captioner 'none' needs a sidecar .txt or a captions.csv row)"
             )
         elif _cache_path(cache_dir, cid, sha).is_file():
             text, source = _cache_path(cache_dir, cid, sha).read_text(encoding="utf-8"), "cache"
