@@ -45,7 +45,6 @@ def write_shard(
 ) -> int:
     """Write one shard's tar and index; returns the number of samples written."""
     import webdataset as wds
-    from PIL import Image
 
     root = Path(root)
     captions = {r["path"]: r for r in read_jsonl(captions_jsonl)}
@@ -53,9 +52,17 @@ def write_shard(
     if settings.buckets:
         buckets = make_buckets(settings.resolution, settings.bucket_step)
     index = []
-    with atomic_path(out_tar) as tmp, open(tmp, "wb") as fh:
-        writer = wds.TarWriter(fh, mtime=TAR_MTIME, user="lorapipe", group="lorapipe")
+    with (
+        atomic_path(out_tar) as tmp,
+        open(tmp, "wb") as fh,
+        # closed on errors too: an unclosed tar stream later writes into the closed file
+        wds.TarWriter(fh, mtime=TAR_MTIME, user="lorapipe", group="lorapipe") as writer,
+    ):
         for r in sorted(records, key=lambda r: sample_key(r["path"])):
+            if r["path"] not in captions:
+                raise ValueError(
+                    f"{captions_jsonl}: no caption for {r['path']}; rerun the caption step"
+                )
             data = (root / r["path"]).read_bytes()
             if hashlib.sha256(data).hexdigest() != r["sha256"]:
                 raise RuntimeError(
@@ -83,7 +90,6 @@ def write_shard(
             key = sample_key(r["path"])
             writer.write({"__key__": key, "png": png, "json": json.dumps(meta, sort_keys=True)})
             index.append({"key": key, "png_sha256": hashlib.sha256(png).hexdigest(), **meta})
-        writer.close()
     atomic_write_text(
         out_index, "".join(json.dumps(x, sort_keys=True, ensure_ascii=False) + "\n" for x in index)
     )
