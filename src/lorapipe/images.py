@@ -157,7 +157,8 @@ def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[Buc
     area within resolution², both rounded down to ``step``.
     """
     area = resolution * resolution
-    out: set[Bucket] = {Bucket(resolution, resolution)}
+    side = resolution // step * step  # the square bucket, rounded down like kohya's
+    out: set[Bucket] = {Bucket(side, side)}
     w = step
     while w <= resolution * max_ratio:
         h = (area // w) // step * step

@@ -233,11 +233,17 @@ def test_pil_identity_names_the_active_library():
 # --- buckets and resizing ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("resolution", "step"), [(512, 64), (64, 8), (96, 16), (1024, 32)])
-def test_buckets_are_step_multiples_within_area_and_include_square(resolution, step):
-    """Every bucket: sides multiple of step, area ≤ resolution², aspect ≤ 2; square present."""
+@pytest.mark.parametrize(
+    ("resolution", "step", "square"),
+    [(512, 64, 512), (64, 8, 64), (96, 16, 96), (1024, 32, 1024), (100, 16, 96), (520, 64, 512)],
+)
+def test_buckets_are_step_multiples_within_area_and_include_square(resolution, step, square):
+    """Every bucket: sides multiple of step, area ≤ resolution², aspect ≤ 2; a square present.
+
+    When resolution is not a multiple of step the square is rounded down to one (as kohya does).
+    """
     buckets = make_buckets(resolution, step)
-    assert Bucket(resolution, resolution) in buckets
+    assert Bucket(square, square) in buckets
     assert len(set(buckets)) == len(buckets)
     for b in buckets:
         assert b.width % step == 0 and b.height % step == 0, b
