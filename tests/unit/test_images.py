@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 from importlib import metadata
 
 import numpy as np
@@ -93,11 +95,28 @@ def test_corrupt_bytes_inside_png_are_rejected():
     assert rejected_code(bytes(data)) in ("corrupt", "truncated")
 
 
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height zeros: tiny on disk, 400 MB of pixels once decoded."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    rows = bytes(1 + (width + 7) // 8) * height  # filter byte 0 + packed bits, per row
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows, 1))
+            + chunk(b"IEND", b""))
+
+
 def test_decompression_bomb_rejected_before_decoding():
-    """A tiny file declaring 20000x20000 pixels is ``too_large`` (checked before decoding)."""
-    data = encode(Image.new("1", (20000, 20000), 0), "PNG")
-    assert len(data) < 100_000
-    assert rejected_code(data, max_pixels=10_000_000) == "too_large"
+    """A small file declaring 20000x20000 pixels is ``too_large`` (checked before decoding)."""
+    data = png_bomb(20000, 20000)
+    assert len(data) < 500_000
+    with pytest.raises(ImageRejected, match="400000000") as info:
+        load_rgb(data, max_pixels=10_000_000)
+    assert info.value.code == "too_large"
+    assert rejected_code(data, max_pixels=399_999_999) == "too_large"
+    assert load_rgb(png_bomb(200, 100), max_pixels=BIG).size == (200, 100)  # the file is valid
 
 
 def test_max_pixels_is_the_limit_both_ways(monkeypatch):
