@@ -13,7 +13,7 @@ rule track:
     params:
         uri=get_mlflow_uri,
         experiment=config["mlflow"]["experiment"],
-        code=code_version("tracking", "fingerprint", "io"),
+        code=code_version("tracking", "runs", "fingerprint", "io"),
     resources:
         mlflow_db=1,
     log:

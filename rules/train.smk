@@ -8,7 +8,7 @@ rule run_config:
     params:
         run=get_run_settings,
         context=get_run_context,
-        code=code_version("train", "models", "latents", "config", "io"),
+        code=code_version("train", "models", "latents", "config", "runs", "io"),
     log:
         "logs/run_config/{run}.log",
     conda:
@@ -57,7 +57,7 @@ rule export:
         "results/runs/{run}/{run}.safetensors",
     params:
         dataset=get_run_dataset,
-        code=code_version("export", "io"),
+        code=code_version("export", "runs", "io"),
     log:
         "logs/export/{run}.log",
     conda:

@@ -29,8 +29,11 @@ fi
 pip install -e ".[dev]"
 # 3. pillow-simd in place of Pillow (diffusers requires "pillow", so this must come last).
 if [ "$PILLOW_SIMD" = "1" ]; then
-  if ! "$VENV/bin/python" -m pip show pillow-simd >/dev/null 2>&1; then
-    pip uninstall -y pillow >/dev/null
+  # Any later install that touches diffusers puts Pillow back over PIL/: check what PIL *is*.
+  simd_ver=$("$VENV/bin/python" -c "from importlib.metadata import version; print(version('pillow-simd'))" 2>/dev/null || true)
+  pil_ver=$("$VENV/bin/python" -c "import PIL; print(PIL.__version__)" 2>/dev/null || true)
+  if [ -z "$simd_ver" ] || [ "$simd_ver" != "$pil_ver" ]; then
+    pip uninstall -y pillow pillow-simd >/dev/null 2>&1 || true
     if ! CC="cc -mavx2" pip install --no-cache-dir --no-deps --no-binary pillow-simd \
         "pillow-simd==12.1.1.post0" >/dev/null 2>&1; then
       echo "WARNING: pillow-simd failed to build (needs gcc, libjpeg-dev, zlib1g-dev);" \

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from .io import atomic_path
+from .io import save_safetensors
 
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 SUFFIXES = {
@@ -175,7 +175,6 @@ def export_kohya(
 ) -> int:
     """Write the kohya-layout file next to the diffusers one; returns the number of tensors."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     with safe_open(str(diffusers_file), framework="pt") as f:
         meta = f.metadata() or {}
@@ -186,19 +185,16 @@ def export_kohya(
         run_cfg, extra_meta, tag_frequency(list(caption_jsonls), dataset), (rank, alpha)
     )
     md["sshs_model_hash"], md["sshs_legacy_hash"] = safetensors_hashes(sd, md)
-    with atomic_path(out_file) as tmp:
-        save_file(sd, str(tmp), metadata=md)
+    save_safetensors(sd, out_file, metadata=md)
     return len(sd)
 
 
 def add_metadata(path: str | os.PathLike, extra: dict[str, str]) -> None:
     """Rewrite a safetensors file with ``extra`` merged into its string metadata (atomically)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta.update({k: str(v) for k, v in extra.items()})
-    with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)

@@ -12,7 +12,7 @@ import logging
 import os
 from collections import defaultdict
 
-from .io import atomic_path
+from .io import atomic_path, canonical_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def encode_shard(
                         "logvar": dist.logvar[j].to(store_dtype).contiguous().cpu(),
                         "text": text[j].to(store_dtype).contiguous().cpu(),
                     }
-                    encoded[key] = ({**meta, "vae": vae_id, "text_encoder": te_id}, save(tensors))
+                    encoded[key] = ({**meta, "vae": vae_id, "text_encoder": te_id}, canonical_safetensors(save(tensors)))
     with atomic_path(out_tar) as tmp, open(tmp, "wb") as fh:
         writer = wds.TarWriter(fh, mtime=0.0, user="lorapipe", group="lorapipe")
         for key in sorted(encoded):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, canonicalize_file, save_safetensors
 
 log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 2
@@ -138,7 +138,7 @@ def train(
     from diffusers.training_utils import compute_snr
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from .latents import load_latent_shards
     from .models import adapter_metadata, load_parts, lora_config, vae_scaling_factor
@@ -218,7 +218,7 @@ def train(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         lora = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-        save_file(lora, tmp / "lora.safetensors")
+        save_safetensors(lora, tmp / "lora.safetensors")
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         state = {
@@ -292,7 +292,7 @@ def train(
                     f"last good checkpoint kept in {ckpt_dir}"
                 )
             scaler.scale(loss).backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         scaler.unscale_(opt)
         if run.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
@@ -336,6 +336,8 @@ def train(
     StableDiffusionPipeline.save_lora_weights(
         staging, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata(cfg)
     )
+    # diffusers writes the file; canonicalize_file makes its header byte-reproducible.
+    canonicalize_file(staging / "pytorch_lora_weights.safetensors")
     os.replace(staging / "pytorch_lora_weights.safetensors", out_dir / "pytorch_lora_weights.safetensors")
     shutil.rmtree(staging, ignore_errors=True)
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
