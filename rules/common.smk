@@ -1,10 +1,15 @@
 # Helpers shared by all rules. Cheap on purpose: this file runs for every job (and every cluster
 # job), so it imports no torch or diffusers; the lorapipe modules it uses are stdlib + PyYAML.
-import csv
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# Jobs import the lorapipe of this workflow checkout, not whichever one is installed.
+_SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, _SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p
+)
 
 from lorapipe import config as lpconfig
 from lorapipe.demo import demo_files

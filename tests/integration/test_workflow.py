@@ -1,0 +1,163 @@
+"""The whole workflow, for real: outputs, no-op reruns, and which jobs a change restales."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from wf import copy_workflow, planned_jobs, snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+RUN_STAGES = {"run_config", "train", "export", "sample", "track"}
+
+
+def config(lr: float = 1e-3) -> dict:
+    return {
+        "mlflow": {"experiment": "it"},
+        "datasets": {
+            "mine": {"path": "data/mine", "resolution": 64, "bucket_step": 16, "shards": 3,
+                     "captioner": "template", "caption_template": "a {trigger}",
+                     "trigger": "thing"},
+        },
+        "base_models": {"tiny-sd": {"path": "results/models/tiny-sd", "tiny": {"seed": 0}}},
+        "defaults": {"max_steps": 4, "save_steps": 2, "batch_size": 4, "lora_rank": 4,
+                     "validation_prompts": ["a thing"], "validation_steps": 2},
+        "runs": {"r1": {"dataset": "mine", "base_model": "tiny-sd", "learning_rate": lr},
+                 "r2": {"dataset": "mine", "base_model": "tiny-sd", "lora_rank": 2}},
+    }
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory):
+    """A workflow copy and a finished first run on a 12-image dataset."""
+    from lorapipe.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("wf")
+    code = copy_workflow(root / "code")
+    work = root / "work"
+    make_demo_dataset(work / "data" / "mine", images=12, seed=3)
+    write_config(work / "cfg.yaml", config())
+    snakemake(work, code=code)
+    return code, work
+
+
+def test_first_run_outputs(wf):
+    code, work = wf
+    for run in ("r1", "r2"):
+        d = work / "results" / "runs" / run
+        for name in ("pytorch_lora_weights.safetensors", f"{run}.safetensors", "config.yaml",
+                     "metrics.jsonl", "samples.png", "loss.png", "mlflow.json"):
+            assert (d / name).stat().st_size > 0, name
+        steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4]
+    rejected = (work / "results" / "mine" / "rejected.tsv").read_text().splitlines()
+    assert rejected[0] == "path\tcode\treason"
+    assert rejected[1].startswith("broken/truncated.jpg\ttruncated\t")
+    # the resolved config names the base model path and every default
+    import yaml
+
+    doc = yaml.safe_load((work / "results/runs/r1/config.yaml").read_text())
+    assert doc["base_model"]["path"] == "results/models/tiny-sd"
+    assert doc["run"]["learning_rate"] == 1e-3 and doc["run"]["lora_alpha"] == 8
+
+
+def test_mlflow_store_has_the_runs(wf):
+    import mlflow
+
+    _, work = wf
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    run_id = json.loads((work / "results/runs/r1/mlflow.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.run_name == "r1"
+    assert run.data.params["run.learning_rate"] == "0.001"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"pytorch_lora_weights.safetensors", "r1.safetensors", "config.yaml"} <= names
+
+
+def test_lora_loads_in_diffusers_and_changes_the_image(wf):
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    _, work = wf
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(work / "results/models/tiny-sd"), safety_checker=None
+    )
+
+    def image():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a thing", num_inference_steps=3, height=64, width=64, generator=g,
+                    output_type="np").images[0]
+
+    base = image()
+    pipe.load_lora_weights(str(work / "results/runs/r1"))
+    assert np.abs(image() - base).max() > 1e-3
+
+
+def test_second_run_does_nothing(wf):
+    code, work = wf
+    assert planned_jobs(work, code) == {}
+
+
+def test_changing_a_training_parameter_reruns_only_that_run(wf):
+    code, work = wf
+    write_config(work / "cfg.yaml", config(lr=5e-4))
+    try:
+        jobs = planned_jobs(work, code)
+    finally:
+        write_config(work / "cfg.yaml", config())
+    assert set(jobs) - {"all"} == RUN_STAGES
+    assert all(n == 1 for r, n in jobs.items())  # r1 only, not r2
+    assert planned_jobs(work, code) == {}
+
+
+def test_editing_training_code_restales_training_not_data(wf):
+    code, work = wf
+    src = code / "src" / "lorapipe" / "train.py"
+    original = src.read_text()
+    src.write_text(original + "\n# an edit\n")
+    try:
+        jobs = planned_jobs(work, code)
+    finally:
+        src.write_text(original)
+    assert set(jobs) - {"all"} == RUN_STAGES and jobs["train"] == 2
+    assert planned_jobs(work, code) == {}
+
+
+def test_adding_one_image_reruns_one_shard(wf):
+    code, work = wf
+    from lorapipe.manifest import shard_of
+
+    data = work / "data" / "mine"
+    shards = work / "results" / "mine" / "shards"
+    before = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.tar")}
+    shutil.copy(data / "img_001.png", data / "zz_new.png")
+    new_shard = f"{shard_of('zz_new.png', 3):05d}"
+    jobs = planned_jobs(work, code)
+    assert {k: jobs[k] for k in ("manifest", "caption", "shard", "encode")} == dict.fromkeys(
+        ("manifest", "caption", "shard", "encode"), 1
+    )
+    assert jobs["merge_manifest"] == 1 and jobs["train"] == 2
+    snakemake(work, code=code)
+    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.tar")}
+    changed = {n for n in after if after[n] != before[n]}
+    assert changed == {f"{new_shard}.tar"}
+    index = (shards / f"{new_shard}.jsonl").read_text()
+    assert '"path": "zz_new.png"' in index
+    assert planned_jobs(work, code) == {}
+
+
+def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
+    cfg = config()
+    cfg["runs"]["r1"]["lora_rnak"] = 4
+    write_config(tmp_path / "cfg.yaml", cfg)
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    out = snakemake(tmp_path, "-n", check=False)
+    assert out.returncode != 0
+    assert "runs.r1.lora_rnak: unknown key" in out.stdout + out.stderr
+    assert not (tmp_path / "results").exists()
