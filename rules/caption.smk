@@ -5,15 +5,15 @@ rule caption:
         sidecars=get_shard_sidecars,
     output:
         "results/{dataset}/captions/{shard}.jsonl",
+    log:
+        "logs/caption/{dataset}/{shard}.log",
+    conda:
+        ENV
     params:
         root=get_root,
         settings=get_caption_settings,
         overrides=get_shard_overrides,
         cache="results/cache/captions",
         code=code_version("captions", "manifest", "io"),
-    log:
-        "logs/caption/{dataset}/{shard}.log",
-    conda:
-        ENV
     script:
         "../scripts/caption.py"

@@ -7,8 +7,9 @@ from pathlib import Path
 # Jobs import the lorapipe of this workflow checkout, not whichever one is installed.
 _SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, _SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p
+# (This exports a variable to jobs; it reads none, so an `envvars:` assertion does not apply.)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p)
 )
 
 from lorapipe import config as lpconfig
@@ -27,7 +28,7 @@ NAME = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 wildcard_constraints:
     dataset=NAME,
-    run=NAME,
+    run="[A-Za-z0-9][A-Za-z0-9_.~-]*",
     model=NAME,
     shard=r"\d{5}",
     res=r"\d+",
@@ -84,7 +85,9 @@ def get_shard_sidecars(wildcards):
     ds = DATASETS[wildcards.dataset]
     root = Path(ds["path"])
     out = []
-    synthetic = set(demo_files(ds["synthetic"]["images"])) if "synthetic" in ds else None
+    synthetic = (
+        set(demo_files(ds["synthetic"]["images"])) if "synthetic" in ds else None
+    )
     for rel in shard_relpaths(wildcards.dataset, wildcards.shard):
         stem = rel.rsplit(".", 1)[0]
         for ext in (".txt", ".caption"):
@@ -119,13 +122,19 @@ def model_files(model, parts):
     path = Path(MODELS[model]["path"])
     if path.suffix == ".safetensors":
         return [str(path)]
-    out = ["model_index.json"] if "tiny" in MODELS[model] or (path / "model_index.json").exists() else []
+    out = (
+        ["model_index.json"]
+        if "tiny" in MODELS[model] or (path / "model_index.json").exists()
+        else []
+    )
     for part in parts:
         if "tiny" in MODELS[model]:
             out += [f"{part}/{f}" for f in MODEL_FILES[part]]
         else:
             out += sorted(
-                str(p.relative_to(path)) for p in (path / part).rglob("*") if p.is_file()
+                str(p.relative_to(path))
+                for p in (path / part).rglob("*")
+                if p.is_file()
             )
     return [str(path / f) for f in out]
 
@@ -181,6 +190,11 @@ def get_final_outputs():
     return out
 
 
+def first_output_dir(wildcards, output):
+    """Folder of a rule's first output (a generated model or dataset folder)."""
+    return str(Path(output[0]).parent)
+
+
 def get_root(wildcards):
     return DATASETS[wildcards.dataset]["path"]
 
@@ -208,7 +222,8 @@ def get_caption_settings(wildcards):
 def get_shard_settings(wildcards):
     ds = DATASETS[wildcards.dataset]
     return {
-        k: ds[k] for k in ("resolution", "bucket_step", "buckets", "max_pixels", "background")
+        k: ds[k]
+        for k in ("resolution", "bucket_step", "buckets", "max_pixels", "background")
     }
 
 

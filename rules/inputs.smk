@@ -10,15 +10,15 @@ for _name, _bm in MODELS.items():
             f"tiny_model_{_name}"
         output:
             model_files(_name, list(MODEL_FILES)),
-        params:
-            path=_bm["path"],
-            seed=_bm["tiny"]["seed"],
-            code=code_version("tiny"),
-            libs=LIBS_TORCH,
         log:
             f"logs/tiny_model/{_name}.log",
         conda:
             ENV
+        params:
+            path=first_output_dir,
+            seed=_bm["tiny"]["seed"],
+            code=code_version("tiny"),
+            libs=LIBS_TORCH,
         script:
             "../scripts/tiny_model.py"
 
@@ -32,14 +32,14 @@ for _name, _ds in DATASETS.items():
             f"demo_data_{_name}"
         output:
             [f"{_ds['path']}/{f}" for f in demo_files(_ds["synthetic"]["images"])],
-        params:
-            path=_ds["path"],
-            images=_ds["synthetic"]["images"],
-            seed=_ds["synthetic"]["seed"],
-            code=code_version("demo"),
         log:
             f"logs/demo_data/{_name}.log",
         conda:
             ENV
+        params:
+            path=first_output_dir,
+            images=_ds["synthetic"]["images"],
+            seed=_ds["synthetic"]["seed"],
+            code=code_version("demo"),
         script:
             "../scripts/demo_data.py"

@@ -4,6 +4,10 @@ rule manifest:
         images=get_shard_images,
     output:
         "results/{dataset}/manifest/{shard}.jsonl",
+    log:
+        "logs/manifest/{dataset}/{shard}.log",
+    conda:
+        ENV
     params:
         root=get_root,
         files=get_shard_relpaths,
@@ -11,10 +15,6 @@ rule manifest:
         cache="results/cache/scan/{dataset}/{shard}.jsonl",
         code=code_version("images", "manifest", "io"),
         pil=LIBS_IMAGE,
-    log:
-        "logs/manifest/{dataset}/{shard}.log",
-    conda:
-        ENV
     script:
         "../scripts/manifest.py"
 
@@ -26,11 +26,11 @@ rule merge_manifest:
     output:
         manifest="results/{dataset}/manifest.jsonl",
         rejected="results/{dataset}/rejected.tsv",
-    params:
-        code=code_version("manifest", "io"),
     log:
         "logs/merge_manifest/{dataset}.log",
     conda:
         ENV
+    params:
+        code=code_version("manifest", "io"),
     script:
         "../scripts/merge_manifest.py"

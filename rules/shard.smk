@@ -7,14 +7,14 @@ rule shard:
     output:
         tar=ensure("results/{dataset}/shards/{shard}.tar", non_empty=True),
         index="results/{dataset}/shards/{shard}.jsonl",
+    log:
+        "logs/shard/{dataset}/{shard}.log",
+    conda:
+        ENV
     params:
         root=get_root,
         settings=get_shard_settings,
         code=code_version("shards", "images", "manifest", "io"),
         pil=LIBS_IMAGE,
-    log:
-        "logs/shard/{dataset}/{shard}.log",
-    conda:
-        ENV
     script:
         "../scripts/shard.py"

@@ -198,9 +198,42 @@ def check_paths(config: Mapping[str, Any], workdir: str | os.PathLike = ".") -> 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+def expand_sweeps(config: dict, workdir: str | os.PathLike = ".") -> dict:
+    """Add one run per row of each sweep table to ``config["runs"]`` (in place).
+
+    Names come from snakemake.utils.Paramspace (``<sweep>_lora_rank~8_learning_rate~0.0001``), so a
+    sweep's runs are ordinary runs: each is one target, all share the dataset and latent caches.
+    """
+    sweeps = config.get("sweeps") or {}
+    if not sweeps:
+        return config
+    import pandas as pd
+    from snakemake.utils import Paramspace
+
+    for name, sw in sweeps.items():
+        table = Path(workdir) / sw["table"]
+        if not table.is_file():
+            raise ConfigError(f"sweeps.{name}.table: file not found: {table}")
+        df = pd.read_csv(table, sep="\t")
+        if df.empty:
+            raise ConfigError(f"sweeps.{name}.table: {table} has no rows")
+        space = Paramspace(df, filename_params="*", param_sep="~", filename_sep="_")
+        rows = space.dataframe.to_dict("records")
+        for pattern, row in zip(space.instance_patterns, rows, strict=True):
+            run = f"{name}_{pattern}"
+            if run in config["runs"]:
+                raise ConfigError(f"sweeps.{name}: generated run {run!r} already exists in runs")
+            values = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+            config["runs"][run] = {**copy.deepcopy(sw.get("base") or {}), **values}
+    return config
+
+
 def load_config(config: dict, workdir: str | os.PathLike = ".", check_files: bool = True) -> dict:
-    """Validate, fill defaults, resolve every run once (so run errors surface now) and check paths."""
+    """Validate, fill defaults, expand sweeps, resolve every run once, check paths."""
     validate(config)
+    if config.get("sweeps"):
+        expand_sweeps(config, workdir)
+        validate(config)
     for name in config["runs"]:
         resolve_run(config, name)
     if check_files:
