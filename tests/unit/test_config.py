@@ -124,3 +124,13 @@ def test_every_rule_has_log_and_conda(repo):
     rules = re.findall(r"^\s*rule(?: (\w+))?:", text, re.M)
     assert len(rules) >= 10
     assert text.count("log:") >= len(rules) and text.count("conda:") >= len(rules)
+
+
+def test_config_reference_is_generated_from_the_schema(repo):
+    """config/README.md lists every key with its default: regenerate it when the schema changes."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(repo / "tools" / "config_doc.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
