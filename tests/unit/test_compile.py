@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
@@ -16,11 +20,11 @@ def test_compiled_training_exports_clean_keys(tmp_path, demo_images, tiny_model)
     from lorapipe.manifest import ScanSettings, list_images, scan_shard
     from lorapipe.shards import ShardSettings, write_shard
     from lorapipe.train import train
-    from test_train import REPO
 
     m, c = tmp_path / "m.jsonl", tmp_path / "c.jsonl"
     scan_shard(demo_images, list_images(demo_images), ScanSettings(64, 0.5, 10**8, "#ffffff"), m)
-    caption_shard(demo_images, m, CaptionSettings("template", "a {trigger}", "x"), tmp_path / "cc", c)
+    caption_shard(demo_images, m, CaptionSettings("template", "a {trigger}", "x"), tmp_path / "cc",
+                  c)
     # square crops: one bucket shape, so one compiled graph
     write_shard(demo_images, m, c, ShardSettings(64, 16, False, 10**8, "#ffffff"),
                 tmp_path / "s.tar", tmp_path / "s.jsonl")
