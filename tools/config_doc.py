@@ -1,7 +1,7 @@
 """Render config/README.md from schemas/config.schema.yaml (the single source of keys and defaults).
 
-    python tools/config_doc.py          # rewrite config/README.md
-    python tools/config_doc.py --check  # exit 1 if it is out of date (tests run this)
+python tools/config_doc.py          # rewrite config/README.md
+python tools/config_doc.py --check  # exit 1 if it is out of date (tests run this)
 """
 
 from __future__ import annotations
@@ -24,9 +24,16 @@ SECTIONS = [
     ("mlflow", "Top level `mlflow:`", ("properties", "mlflow")),
     ("datasets.NAME", "A dataset: `datasets: {NAME: {...}}`", ("$defs", "dataset")),
     ("base_models.NAME", "A base model: `base_models: {NAME: {...}}`", ("$defs", "base_model")),
-    ("runs.NAME / defaults", "Run settings: `runs: {NAME: {...}}` and `defaults: {...}`",
-     ("$defs", "run_settings")),
-    ("sweeps.NAME", "A sweep: `sweeps: {NAME: {...}}`", ("properties", "sweeps", "additionalProperties")),
+    (
+        "runs.NAME / defaults",
+        "Run settings: `runs: {NAME: {...}}` and `defaults: {...}`",
+        ("$defs", "run_settings"),
+    ),
+    (
+        "sweeps.NAME",
+        "A sweep: `sweeps: {NAME: {...}}`",
+        ("properties", "sweeps", "additionalProperties"),
+    ),
 ]
 
 
@@ -48,7 +55,7 @@ def _default(spec: dict) -> str:
 def render() -> str:
     schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
     out = [HEAD]
-    for prefix, title, path in SECTIONS:
+    for _prefix, title, path in SECTIONS:
         node = schema
         for p in path:
             node = node[p]

@@ -13,13 +13,19 @@ def _info(_args) -> int:
     from .images import pil_identity
 
     v = versions("torch", "diffusers", "transformers", "peft", "mlflow", "snakemake", "webdataset")
-    print(f"imaging: {pil_identity()}" + ("" if "simd" in pil_identity() else "  (pillow-simd not active)"))
+    print(
+        f"imaging: {pil_identity()}"
+        + ("" if "simd" in pil_identity() else "  (pillow-simd not active)")
+    )
     for k, ver in v.items():
         print(f"{k}: {ver}")
     try:
         import torch
 
-        print(f"cuda: {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+        print(
+            f"cuda: {torch.cuda.is_available()}"
+            + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "")
+        )
     except ImportError:
         print("cuda: torch not installed")
     return 0
@@ -35,7 +41,9 @@ def _load_run(results: Path, name: str) -> dict:
     doc = yaml.safe_load(cfg.read_text())
     out = {"config": doc, "metrics": [], "summary": {}}
     if (run_dir / "metrics.jsonl").exists():
-        out["metrics"] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+        out["metrics"] = [
+            json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x
+        ]
     if (run_dir / "train_summary.json").exists():
         out["summary"] = json.loads((run_dir / "train_summary.json").read_text())
     return out
@@ -66,9 +74,11 @@ def compare_runs(results: Path, a: str, b: str) -> str:
 
     lines.append(f"{'final loss':32} {last(ra, 'loss'):>20} {last(rb, 'loss'):>20}")
     lines.append(f"{'loss, mean of last 10%':32} {tail_mean(ra):>20} {tail_mean(rb):>20}")
+    def fmt(v) -> str:
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
     for key in ("steps", "wall_s", "images_per_s_steady"):
         va, vb = ra["summary"].get(key, "-"), rb["summary"].get(key, "-")
-        fmt = (lambda v: f"{v:.1f}" if isinstance(v, float) else str(v))
         lines.append(f"{key:32} {fmt(va):>20} {fmt(vb):>20}")
     return "\n".join(lines)
 

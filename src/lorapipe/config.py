@@ -116,7 +116,6 @@ class RunConfig:
     validation_prompts: tuple[str, ...]
     validation_steps: int
 
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
         """Build from a plain dict (e.g. Snakemake params); unknown keys are an error."""
@@ -242,7 +241,7 @@ def load_config(config: dict, workdir: str | os.PathLike = ".", check_files: boo
 
 
 def load_yaml(*paths: str | os.PathLike) -> dict:
-    """Load and deep-merge YAML files in order (later files win), as Snakemake's --configfile does."""
+    """Load and deep-merge YAML files in order (later wins), as Snakemake's --configfile does."""
     out: dict = {}
     for p in paths:
         with open(p, encoding="utf-8") as fh:

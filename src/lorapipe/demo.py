@@ -20,7 +20,7 @@ BROKEN = "broken/truncated.jpg"
 
 
 def demo_files(images: int) -> list[str]:
-    """Relative paths the generator writes (images, sidecars and the broken file), without writing."""
+    """Relative paths the generator writes (images, sidecars, the broken file); writes nothing."""
     out = []
     for i in range(images):
         out.append(f"img_{i:03d}.png")

@@ -18,7 +18,7 @@ PKG_DIR = Path(__file__).resolve().parent
 
 
 def code_version(*modules: str) -> str:
-    """sha256 (16 hex) of the source of the named lorapipe modules, e.g. ``code_version("train")``."""
+    """sha256 (16 hex) of the source of the named lorapipe modules: ``code_version("train")``."""
     h = hashlib.sha256()
     for name in sorted(set(modules)):
         h.update(name.encode() + b"\0" + (PKG_DIR / f"{name}.py").read_bytes())
@@ -56,12 +56,17 @@ def git_state(repo: str | os.PathLike) -> dict[str, str | bool]:
     """The commit of the workflow checkout and whether it has uncommitted changes."""
     try:
         commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = bool(
             subprocess.run(
                 ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout.strip()
         )
         return {"commit": commit, "dirty": dirty}

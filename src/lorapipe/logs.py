@@ -13,7 +13,9 @@ def setup(log_file: str, echo: bool = False) -> logging.Logger:
     if echo:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        handlers=handlers,
         force=True,
     )
     logging.captureWarnings(True)

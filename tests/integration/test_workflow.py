@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-
 from wf import copy_workflow, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
@@ -19,15 +17,29 @@ def config(lr: float = 1e-3) -> dict:
     return {
         "mlflow": {"experiment": "it"},
         "datasets": {
-            "mine": {"path": "data/mine", "resolution": 64, "bucket_step": 16, "shards": 3,
-                     "captioner": "template", "caption_template": "a {trigger}",
-                     "trigger": "thing"},
+            "mine": {
+                "path": "data/mine",
+                "resolution": 64,
+                "bucket_step": 16,
+                "shards": 3,
+                "captioner": "template",
+                "caption_template": "a {trigger}",
+                "trigger": "thing",
+            },
         },
         "base_models": {"tiny-sd": {"path": "results/models/tiny-sd", "tiny": {"seed": 0}}},
-        "defaults": {"max_steps": 4, "save_steps": 2, "batch_size": 4, "lora_rank": 4,
-                     "validation_prompts": ["a thing"], "validation_steps": 2},
-        "runs": {"r1": {"dataset": "mine", "base_model": "tiny-sd", "learning_rate": lr},
-                 "r2": {"dataset": "mine", "base_model": "tiny-sd", "lora_rank": 2}},
+        "defaults": {
+            "max_steps": 4,
+            "save_steps": 2,
+            "batch_size": 4,
+            "lora_rank": 4,
+            "validation_prompts": ["a thing"],
+            "validation_steps": 2,
+        },
+        "runs": {
+            "r1": {"dataset": "mine", "base_model": "tiny-sd", "learning_rate": lr},
+            "r2": {"dataset": "mine", "base_model": "tiny-sd", "lora_rank": 2},
+        },
     }
 
 
@@ -49,8 +61,15 @@ def test_first_run_outputs(wf):
     code, work = wf
     for run in ("r1", "r2"):
         d = work / "results" / "runs" / run
-        for name in ("pytorch_lora_weights.safetensors", f"{run}.safetensors", "config.yaml",
-                     "metrics.jsonl", "samples.png", "loss.png", "mlflow.json"):
+        for name in (
+            "pytorch_lora_weights.safetensors",
+            f"{run}.safetensors",
+            "config.yaml",
+            "metrics.jsonl",
+            "samples.png",
+            "loss.png",
+            "mlflow.json",
+        ):
             assert (d / name).stat().st_size > 0, name
         steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2, 3, 4]
@@ -91,8 +110,9 @@ def test_lora_loads_in_diffusers_and_changes_the_image(wf):
 
     def image():
         g = torch.Generator().manual_seed(0)
-        return pipe("a thing", num_inference_steps=3, height=64, width=64, generator=g,
-                    output_type="np").images[0]
+        return pipe(
+            "a thing", num_inference_steps=3, height=64, width=64, generator=g, output_type="np"
+        ).images[0]
 
     base = image()
     pipe.load_lora_weights(str(work / "results/runs/r1"))

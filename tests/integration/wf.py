@@ -37,14 +37,24 @@ def snakemake(workdir: Path, *args: str, code: Path | None = None, check: bool =
     """Run snakemake on ``workdir`` with its cfg.yaml; returns the CompletedProcess."""
     code = code or REPO
     cmd = [
-        SNAKEMAKE, "--snakefile", str(code / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(workdir / "cfg.yaml"), "--cores", "2", *args,
+        SNAKEMAKE,
+        "--snakefile",
+        str(code / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "cfg.yaml"),
+        "--cores",
+        "2",
+        *args,
     ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 

@@ -23,17 +23,30 @@ def test_compiled_training_exports_clean_keys(tmp_path, demo_images, tiny_model)
 
     m, c = tmp_path / "m.jsonl", tmp_path / "c.jsonl"
     scan_shard(demo_images, list_images(demo_images), ScanSettings(64, 0.5, 10**8, "#ffffff"), m)
-    caption_shard(demo_images, m, CaptionSettings("template", "a {trigger}", "x"), tmp_path / "cc",
-                  c)
+    caption_shard(
+        demo_images, m, CaptionSettings("template", "a {trigger}", "x"), tmp_path / "cc", c
+    )
     # square crops: one bucket shape, so one compiled graph
-    write_shard(demo_images, m, c, ShardSettings(64, 16, False, 10**8, "#ffffff"),
-                tmp_path / "s.tar", tmp_path / "s.jsonl")
+    write_shard(
+        demo_images,
+        m,
+        c,
+        ShardSettings(64, 16, False, 10**8, "#ffffff"),
+        tmp_path / "s.tar",
+        tmp_path / "s.jsonl",
+    )
     encode_shard(tmp_path / "s.tar", tiny_model, tmp_path / "l.tar")
     cfg = load_yaml(REPO / "config" / "config.yaml")
     cfg["runs"]["demo"].update({"compile": True, "max_steps": 3, "save_steps": 2})
     load_config(cfg, check_files=False)
-    summary = train(resolve_run(cfg, "demo"), [str(tmp_path / "l.tar")], str(tiny_model),
-                    tmp_path / "out", tmp_path / "ck", "c" * 64)
+    summary = train(
+        resolve_run(cfg, "demo"),
+        [str(tmp_path / "l.tar")],
+        str(tiny_model),
+        tmp_path / "out",
+        tmp_path / "ck",
+        "c" * 64,
+    )
     assert summary["compiled"] is True and summary["compile_s"] > 0
     with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from lorapipe.config import ConfigError, load_config, load_yaml, resolve_run
@@ -23,8 +23,10 @@ def cfg() -> dict:
 def test_shipped_config_is_valid_and_complete(cfg):
     load_config(cfg, check_files=False)
     run = resolve_run(cfg, "demo")
-    assert run.lora_rank == 4 and run.lora_alpha == 8 and run.target_modules == (
-        "to_q", "to_k", "to_v", "to_out.0"
+    assert (
+        run.lora_rank == 4
+        and run.lora_alpha == 8
+        and run.target_modules == ("to_q", "to_k", "to_v", "to_out.0")
     )
     assert cfg["mlflow"] == {"tracking_uri": None, "experiment": "lorapipe"}
 
@@ -33,13 +35,31 @@ def test_shipped_config_is_valid_and_complete(cfg):
     ("edit", "message"),
     [
         (lambda c: c["runs"]["demo"].update(lora_rnak=4), r"runs\.demo\.lora_rnak: unknown key"),
-        (lambda c: c["runs"]["demo"].update(lora_rank="8"), r"runs\.demo\.lora_rank: '8' is not of type 'integer'"),
-        (lambda c: c["datasets"]["demo"].update(shards=0), r"datasets\.demo\.shards: 0 is less than the minimum of 1"),
-        (lambda c: c["runs"]["demo"].update(mixed_precision="fp8"), r"runs\.demo\.mixed_precision: 'fp8' is not one of"),
+        (
+            lambda c: c["runs"]["demo"].update(lora_rank="8"),
+            r"runs\.demo\.lora_rank: '8' is not of type 'integer'",
+        ),
+        (
+            lambda c: c["datasets"]["demo"].update(shards=0),
+            r"datasets\.demo\.shards: 0 is less than the minimum of 1",
+        ),
+        (
+            lambda c: c["runs"]["demo"].update(mixed_precision="fp8"),
+            r"runs\.demo\.mixed_precision: 'fp8' is not one of",
+        ),
         (lambda c: c.update(extra=1), r"extra: unknown key"),
-        (lambda c: c["runs"]["demo"].update(dataset="nope"), r"runs\.demo\.dataset: unknown dataset 'nope'"),
-        (lambda c: c["runs"]["demo"].update(base_model="sd15"), r"runs\.demo\.base_model: unknown base model 'sd15'"),
-        (lambda c: c["datasets"]["demo"].update(background="white"), r"datasets\.demo\.background: 'white' does not match"),
+        (
+            lambda c: c["runs"]["demo"].update(dataset="nope"),
+            r"runs\.demo\.dataset: unknown dataset 'nope'",
+        ),
+        (
+            lambda c: c["runs"]["demo"].update(base_model="sd15"),
+            r"runs\.demo\.base_model: unknown base model 'sd15'",
+        ),
+        (
+            lambda c: c["datasets"]["demo"].update(background="white"),
+            r"datasets\.demo\.background: 'white' does not match",
+        ),
     ],
 )
 def test_bad_values_name_the_key(cfg, edit, message):
@@ -61,8 +81,11 @@ def test_defaults_block_beats_schema_defaults_and_run_beats_defaults(cfg):
 
 def test_user_file_adds_runs_by_merge(cfg, tmp_path):
     mine = tmp_path / "mine.yaml"
-    mine.write_text(yaml.safe_dump({"runs": {"mine": {"dataset": "demo", "base_model": "tiny-sd",
-                                                        "lora_rank": 16}}}))
+    mine.write_text(
+        yaml.safe_dump(
+            {"runs": {"mine": {"dataset": "demo", "base_model": "tiny-sd", "lora_rank": 16}}}
+        )
+    )
     merged = load_yaml(REPO / "config" / "config.yaml", mine)
     load_config(merged, check_files=False)
     assert set(merged["runs"]) == {"demo", "mine"} and resolve_run(merged, "mine").lora_rank == 16
@@ -113,7 +136,9 @@ def test_conda_env_matches_pyproject_pins():
     conda = {}
     for d in flat:
         name, spec = re.match(r"([A-Za-z0-9_-]+)(.*)", d).groups()
-        conda[{"pytorch": "torch"}.get(name, name)] = spec.replace("=", "==") if spec.startswith("=") and not spec.startswith("==") else spec
+        conda[{"pytorch": "torch"}.get(name, name)] = (
+            spec.replace("=", "==") if spec.startswith("=") and not spec.startswith("==") else spec
+        )
     for name, spec in pins.items():
         assert name in conda, f"{name} missing from envs/lorapipe.yaml"
         assert conda[name] == spec, f"{name}: pyproject {spec!r} vs conda env {conda[name]!r}"
@@ -131,6 +156,9 @@ def test_config_reference_is_generated_from_the_schema(repo):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, str(repo / "tools" / "config_doc.py"), "--check"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(repo / "tools" / "config_doc.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout
