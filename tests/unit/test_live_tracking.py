@@ -1,0 +1,165 @@
+"""LiveTracker and log_run against real MLflow sqlite stores (no training, no server): batching,
+resume without duplicates, a store that comes back, one that never answers, dataset inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from lorapipe.tracking import LiveTracker, log_run
+
+FP = "0f" * 32
+CONFIG = {"run": {"name": "demo", "lora_rank": 4}, "dataset": {"resolution": 64}}
+
+
+def record(step: int, loss: float | None = None) -> dict:
+    return {
+        "step": step, "epoch": 1, "loss": 1.0 / step if loss is None else loss, "lr": 1e-3,
+        "images_per_s": 5.0, "data_wait": 0.1, "skipped": False, "time": 1_760_000_000.0 + step,
+    }  # fmt: skip
+
+
+def tracker(uri: str, **kw) -> LiveTracker:
+    kw.setdefault("every_steps", 4)
+    kw.setdefault("every_s", 0.2)
+    return LiveTracker(uri, "live-test", "demo", FP, tags={"lorapipe.code": "c0de"},
+                       params=CONFIG, **kw)  # fmt: skip
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def steps(uri: str, run_id: str, key: str = "loss") -> list[int]:
+    return sorted(m.step for m in client(uri).get_metric_history(run_id, key))
+
+
+def test_metrics_arrive_while_training_and_run_ends_finished(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = tracker(uri)
+    t.start()
+    for i in range(1, 9):
+        t.log(record(i))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # sent by the worker, before any flush or close
+        if t.run_id and steps(uri, t.run_id) == list(range(1, 9)):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("live metrics did not arrive")
+    run = client(uri).get_run(t.run_id)
+    assert run.info.status == "RUNNING" and run.info.run_name == "demo"
+    assert run.data.tags["lorapipe.fingerprint"] == FP and run.data.tags["lorapipe.code"] == "c0de"
+    assert run.data.params["run.lora_rank"] == "4"
+    t.log(record(9))
+    assert t.flush(30)
+    assert t.close("FINISHED") == t.run_id
+    run = client(uri).get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert steps(uri, t.run_id) == list(range(1, 10))
+    assert steps(uri, t.run_id, "data_wait") == list(range(1, 10))
+    assert steps(uri, t.run_id, "skipped") == []  # not a metric
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # restored
+
+
+def test_resume_continues_the_run_without_duplicate_points(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = tracker(uri)
+    first.start()
+    for i in range(1, 8):  # logged up to step 7, then "killed" (checkpoint was at step 4)
+        first.log(record(i))
+    assert first.flush(30)
+    run_id = first.run_id
+    # A kill -9 leaves the run RUNNING; an exception marks it FAILED.
+    first.close("FAILED")
+    assert client(uri).get_run(run_id).info.status == "FAILED"
+
+    second = tracker(uri)
+    second.start(backlog=[record(i) for i in range(1, 5)], resumed_step=4)
+    for i in range(5, 11):  # steps 5..7 are recomputed: not logged twice
+        second.log(record(i))
+    assert second.close("FINISHED") == run_id
+    run = client(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["lorapipe.resumed_at_step"] == "4"
+    assert steps(uri, run_id) == list(range(1, 11))
+    assert steps(uri, run_id, "lr") == list(range(1, 11))
+    assert len(client(uri).search_runs([run.info.experiment_id])) == 1
+
+
+def test_store_down_then_back_gets_everything_later(tmp_path):
+    # The database's folder is a file: sqlite cannot open the store, it is "down".
+    db_dir = tmp_path / "not-yet"
+    db_dir.write_text("")
+    uri = f"sqlite:///{db_dir / 'mlflow.db'}"
+    t = tracker(uri, every_s=0.1, max_backoff_s=0.2)
+    t.start()
+    for i in range(1, 6):
+        t.log(record(i))
+    deadline = time.monotonic() + 30
+    while t.failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert t.failures >= 1 and t.run_id is None
+    db_dir.unlink()  # the store is back
+    for i in range(6, 9):
+        t.log(record(i))
+    assert t.close("FINISHED") is not None
+    assert steps(uri, t.run_id) == list(range(1, 9))
+    assert client(uri).get_run(t.run_id).info.status == "FINISHED"
+
+
+def test_unreachable_server_never_blocks(caplog):
+    t = tracker("http://127.0.0.1:9", every_steps=1, every_s=0.05, close_timeout_s=20)
+    t.start()
+    began = time.monotonic()
+    for i in range(1, 201):
+        t.log(record(i))
+    assert time.monotonic() - began < 0.5  # log() only queues
+    assert t.flush(20) is False  # tried now, nothing sent
+    assert t.close("FINISHED") is None
+    assert time.monotonic() - began < 20
+    assert "MLflow (http://127.0.0.1:9) failed" in caplog.text
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+def test_log_run_uses_the_live_run_and_logs_the_dataset_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = tracker(uri)
+    t.start()
+    for i in range(1, 4):
+        t.log(record(i))
+    live_id = t.close("FINISHED")
+    # An orphan run of the same fingerprint, older than none but created later: the id recorded
+    # in the run's files (summary) wins over the fingerprint search.
+    c = client(uri)
+    exp_id = c.get_experiment_by_name("live-test").experiment_id
+    c.create_run(exp_id, run_name="demo", tags={"lorapipe.fingerprint": FP})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(record(i)) + "\n" for i in range(1, 6)))
+    from lorapipe.tracking import dataset_input
+
+    ds = {"name": "demo", "path": "data/demo", "shards": 4, "resolution": 64, "buckets": True}
+    digest = "ab" * 32
+    kw = dict(
+        run_name="demo", experiment="live-test", uri=uri, config=CONFIG, metrics_jsonl=metrics,
+        artifacts=[], tags={"lorapipe.fingerprint": FP}, run_id=live_id,
+        dataset=dataset_input(ds, digest, samples=40),
+    )  # fmt: skip
+    assert log_run(out_json=tmp_path / "a.json", **kw) == live_id
+    assert log_run(out_json=tmp_path / "b.json", **kw) == live_id  # idempotent
+    assert steps(uri, live_id) == [1, 2, 3, 4, 5]
+    inputs = c.get_run(live_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    d = inputs[0].dataset
+    assert (d.name, d.digest, d.source_type) == ("demo", digest[:32], "local")
+    assert json.loads(d.source)["uri"] == os.path.abspath("data/demo")
+    assert json.loads(d.profile) == {"buckets": True, "resolution": 64, "samples": 40, "shards": 4}
+    tags = {x.key: x.value for x in inputs[0].tags}
+    assert tags == {"mlflow.data.context": "training", "lorapipe.dataset_manifest_hash": digest}
+    assert Path(tmp_path / "a.json").exists()
