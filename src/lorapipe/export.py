@@ -153,16 +153,81 @@ def kohya_metadata(
     return meta
 
 
-def tag_frequency(caption_jsonls: list[str], dataset: str) -> dict:
+def tag_counts(captions, dataset: str) -> dict:
     """kohya's ss_tag_frequency: ``{dataset: {tag: count}}`` with comma-separated tags."""
     counts: Counter = Counter()
-    for p in caption_jsonls:
-        with open(p, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    cap = json.loads(line)["caption"]
-                    counts.update(t.strip() for t in cap.split(",") if t.strip())
+    for cap in captions:
+        counts.update(t.strip() for t in cap.split(",") if t.strip())
     return {dataset: dict(sorted(counts.items()))}
+
+
+def tag_frequency(caption_jsonls: list[str], dataset: str) -> dict:
+    """`tag_counts` of the captions in caption .jsonl files."""
+
+    def captions():
+        for p in caption_jsonls:
+            with open(p, encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        yield json.loads(line)["caption"]
+
+    return tag_counts(captions(), dataset)
+
+
+def save_diffusers_lora(
+    peft_state: dict,
+    adapter_metadata: dict,
+    out_file: str | os.PathLike,
+    extra_meta: dict[str, str] | None = None,
+) -> tuple[dict, dict[str, str]]:
+    """Write a UNet LoRA as diffusers' ``save_lora_weights`` does, plus lorapipe's metadata.
+
+    ``peft_state`` is ``get_peft_model_state_dict(unet)`` (of the uncompiled UNet). diffusers
+    writes the file (its key layout and ``lora_adapter_metadata``, with lora_alpha); it is then
+    rewritten with ``extra_meta`` merged in, atomically and with a sorted, byte-reproducible
+    header. No pipeline is loaded. Returns the tensors and metadata written.
+    """
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors import safe_open
+
+    lora = convert_state_dict_to_diffusers(peft_state)
+    lora = {k: v.detach().float().cpu().contiguous() for k, v in lora.items()}
+    out_file = Path(out_file)
+    staging = out_file.parent / f".{out_file.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            staging, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata
+        )
+        with safe_open(str(staging / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
+    save_safetensors(tensors, out_file, metadata=meta)
+    return tensors, meta
+
+
+def save_kohya(
+    tensors: dict,
+    meta: dict[str, str],
+    out_file: str | os.PathLike,
+    run_cfg: dict,
+    extra_meta: dict[str, str],
+    tag_freq: dict,
+) -> int:
+    """Write the kohya-layout file of a diffusers LoRA (its tensors and metadata); returns the
+    number of tensors."""
+    sd = kohya_state_dict(tensors, meta)
+    alpha, rank = read_alpha(meta, "unet")
+    md = kohya_metadata(run_cfg, extra_meta, tag_freq, (rank, alpha))
+    md["sshs_model_hash"], md["sshs_legacy_hash"] = safetensors_hashes(sd, md)
+    save_safetensors(sd, out_file, metadata=md)
+    return len(sd)
 
 
 def export_kohya(
@@ -179,14 +244,42 @@ def export_kohya(
     with safe_open(str(diffusers_file), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    sd = kohya_state_dict(tensors, meta)
-    alpha, rank = read_alpha(meta, "unet")
-    md = kohya_metadata(
-        run_cfg, extra_meta, tag_frequency(list(caption_jsonls), dataset), (rank, alpha)
+    freq = tag_frequency(list(caption_jsonls), dataset)
+    return save_kohya(tensors, meta, out_file, run_cfg, extra_meta, freq)
+
+
+def export_checkpoint(
+    peft_state: dict,
+    adapter_metadata: dict,
+    out_dir: str | os.PathLike,
+    run_cfg: dict,
+    extra_meta: dict[str, str],
+    tag_freq: dict,
+) -> Path:
+    """Both LoRA files of an intermediate checkpoint, written into a fresh ``out_dir``.
+
+    ``pytorch_lora_weights.safetensors`` (diffusers) and ``<run>-step<NNNNNN>.safetensors``
+    (kohya, named from ``extra_meta["ss_steps"]``), so any saved step can be loaded and
+    compared in diffusers, WebUI or ComfyUI. The diffusers file gets the ``lorapipe_*`` fields of
+    ``extra_meta``, the kohya file all of them. Written in a temporary folder, then renamed: the
+    folder is complete or absent.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    name = f"{run_cfg['name']}-step{int(extra_meta['ss_steps']):06d}"
+    extra = {**extra_meta, "ss_output_name": name}
+    trace = {k: v for k, v in extra.items() if k.startswith("lorapipe_")}
+    tensors, meta = save_diffusers_lora(
+        peft_state, adapter_metadata, tmp / "pytorch_lora_weights.safetensors", trace
     )
-    md["sshs_model_hash"], md["sshs_legacy_hash"] = safetensors_hashes(sd, md)
-    save_safetensors(sd, out_file, metadata=md)
-    return len(sd)
+    save_kohya(tensors, meta, tmp / f"{name}.safetensors", run_cfg, extra, tag_freq)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
 
 
 def add_metadata(path: str | os.PathLike, extra: dict[str, str]) -> None:
