@@ -1,0 +1,338 @@
+"""One LoRA training step on the real SD-1.5 UNet architecture (random weights, no download).
+
+The UNet is built from SD-1.5's config (860 M parameters), frozen, and given a LoRA adapter
+(peft, r=8 on to_q/to_k/to_v/to_out.0: 1.6 M trainable parameters); a step is what
+lorapipe.train does: autocast forward, fp32 MSE loss, backward, grad clipping, AdamW, zero_grad.
+In bf16 mode the frozen weights are cast to bf16 as lorapipe.train does (LoRA stays fp32).
+
+Every configuration runs in a fresh subprocess (so peak memory is its own): the first step (for
+torch.compile: compile time, forward and backward) is timed apart from the median steady-state step.
+
+- CPU (default here): 16x16 latents, batch 1, eager fp32 and bf16 autocast; ``--compile`` adds the
+  compiled variants (the first compiled step of the full UNet takes minutes on a small CPU).
+  Peak memory: the process's peak RSS (VmHWM from /proc/self/status, reset after the model is
+  built via /proc/self/clear_refs so it shows the step's own peak; the absolute peak is reported).
+- CUDA (when torch.cuda.is_available()): 64x64 latents (512 px), batch 1/4/8, bf16, eager and
+  compiled, images/s, torch.cuda.max_memory_allocated, compile speedup, and model FLOPs utilisation
+  against ``--peak-tflops`` (default 989: H100/H200 bf16 dense).
+
+FLOPs per sample come from torch.utils.flop_counter on a meta-device copy of the same model (no
+compute): 1.718 TFLOP per sample per LoRA step at 64x64 latents, 0.089 TFLOP at 16x16.
+
+    python bench/bench_train_step.py [--compile] [--steps 6] [--latent 16] [--batch 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, out_dir, table, write_result  # noqa: E402
+
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TOKENS = 77
+
+
+# ---------------------------------------------------------------- child (one configuration)
+def proc_status(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (Linux), in bytes."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def build(lora_rank: int, device: str = "cpu"):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(SD15_UNET)
+    unet.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(
+        LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=LORA_TARGETS,
+        )
+    )
+    return unet
+
+
+def count_flops(latent: int, lora_rank: int) -> float:
+    """FLOPs of one fwd+bwd LoRA step per sample (meta device: shapes only, no compute)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = build(lora_rank, "meta")
+    x = torch.randn(1, 4, latent, latent, device="meta")
+    cond = torch.randn(1, TEXT_TOKENS, 768, device="meta")
+    t = torch.tensor([500], device="meta")
+    with FlopCounterMode(display=False) as fc:
+        unet(x, t, cond, return_dict=False)[0].float().pow(2).mean().backward()
+    return float(fc.get_total_flops())
+
+
+def child(cfg: dict) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    device = cfg["device"]
+    cuda = device == "cuda"
+    t0 = time.perf_counter()
+    unet = build(cfg["lora_rank"])
+    amp = torch.bfloat16 if cfg["precision"] == "bf16" else None
+    if amp is not None:  # as lorapipe.train: frozen weights in the AMP dtype, LoRA in fp32
+        for p in unet.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(amp)
+    unet.to(device).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    build_s = time.perf_counter() - t0
+
+    b, s = cfg["batch"], cfg["latent"]
+    g = torch.Generator().manual_seed(1)
+    noisy = torch.randn(b, 4, s, s, generator=g).to(device)
+    target = torch.randn(b, 4, s, s, generator=g).to(device)
+    cond = torch.randn(b, TEXT_TOKENS, 768, generator=g).to(device)
+    timesteps = torch.randint(0, 1000, (b,), generator=g).to(device)
+    forward = torch.compile(unet) if cfg["compile"] else unet
+
+    def step() -> float:
+        with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+            pred = forward(noisy, timesteps, cond, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def timed() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    rss_before = proc_status("VmRSS")
+    reset = reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_alloc = torch.cuda.memory_allocated()
+    first_s = timed()
+    for _ in range(cfg["warmup"]):
+        timed()
+    times = [timed() for _ in range(cfg["steps"])]
+    res = {
+        **cfg,
+        "build_s": build_s,
+        "first_step_s": first_s,
+        "step_s": median(times),
+        "min_step_s": min(times),
+        "step_times_s": times,
+        "images_per_s": b / median(times),
+        "threads": torch.get_num_threads(),
+        "trainable_params": sum(p.numel() for p in params),
+        "rss_before_step_gb": (rss_before or 0) / 2**30,
+        "peak_rss_gb": (proc_status("VmHWM") or 0) / 2**30,
+        "peak_rss_is_step_peak": reset,
+        "torch": torch.__version__,
+    }
+    if cuda:
+        res["gpu"] = torch.cuda.get_device_name()
+        res["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        res["cuda_model_allocated_gb"] = base_alloc / 2**30
+        res["cuda_max_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+    return res
+
+
+# ---------------------------------------------------------------- parent
+def cached_flops(latent: int, lora_rank: int) -> float:
+    """count_flops, remembered in bench/out/flops.json (it costs a diffusers import and a trace)."""
+    import diffusers
+    import torch
+
+    path = out_dir() / "flops.json"
+    key = f"sd15-unet:{latent}:{lora_rank}:{torch.__version__}:{diffusers.__version__}"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if key not in known:
+        known[key] = count_flops(latent, lora_rank)
+        path.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+    return known[key]
+
+
+def run_child(cfg: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(cfg)]
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "error": f"not measured: over the {timeout:.0f} s limit"}
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        return {
+            **cfg,
+            "error": f"exit {proc.returncode}: {tail.strip().splitlines()[-1:]}",
+            "stderr_tail": tail,
+        }
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["process_wall_s"] = wall
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (CPU: slow)")
+    ap.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled runs")
+    ap.add_argument("--latent", type=int, default=None, help="latent side (CPU 16, CUDA 64)")
+    ap.add_argument("--batch", type=str, default=None, help="batch sizes (CPU 1, CUDA 1,4,8)")
+    ap.add_argument("--precision", type=str, default=None, help="fp32,bf16 (CUDA: bf16)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (CPU 6, CUDA 20)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak, bf16 dense")
+    ap.add_argument("--timeout", type=float, default=420, help="seconds per configuration")
+    ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device == "cuda"
+    latent = args.latent or (64 if cuda else 16)
+    batches = [int(x) for x in (args.batch or ("1,4,8" if cuda else "1")).split(",")]
+    precisions = (args.precision or ("bf16" if cuda else "fp32,bf16")).split(",")
+    compiles = [False] + ([True] if args.compile or (cuda and not args.no_compile) else [])
+    steps = args.steps or (20 if cuda else 6)
+
+    t = time.perf_counter()
+    flops = cached_flops(latent, args.lora_rank)
+    print(
+        f"SD-1.5 UNet LoRA r={args.lora_rank} step at {latent}x{latent} latents: "
+        f"{flops / 1e12:.3f} TFLOP per sample (counted in {time.perf_counter() - t:.1f} s); "
+        f"device {device}, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+
+    results = []
+    for batch in batches:
+        for precision in precisions:
+            for comp in compiles:
+                cfg = {
+                    "device": device,
+                    "latent": latent,
+                    "batch": batch,
+                    "precision": precision,
+                    "compile": comp,
+                    "steps": steps,
+                    "warmup": args.warmup,
+                    "lora_rank": args.lora_rank,
+                }
+                name = f"b{batch} {precision} {'compile' if comp else 'eager'}"
+                print(f"  running {name} ...", flush=True)
+                r = run_child(cfg, args.timeout)
+                r["name"] = name
+                if "error" in r:
+                    print(f"    {r['error']}", flush=True)
+                else:
+                    achieved = flops * r["images_per_s"] / 1e12
+                    r["achieved_tflops"] = achieved
+                    if cuda:
+                        r["mfu"] = achieved / args.peak_tflops
+                results.append(r)
+
+    by = {r["name"]: r for r in results}
+    rows = []
+    for r in results:
+        ok = "error" not in r
+        eager = by.get(r["name"].replace("compile", "eager"))
+        row = {
+            "config": r["name"],
+            "first step s": r.get("first_step_s"),
+            "step s": r.get("step_s"),
+            "min step s": r.get("min_step_s"),
+            "img/s": r.get("images_per_s"),
+            "GFLOP/s": r["achieved_tflops"] * 1e3 if ok else None,
+            "vs eager": (
+                eager["step_s"] / r["step_s"] if ok and eager and "error" not in eager else None
+            ),
+        }
+        if cuda:
+            row["MFU %"] = 100 * r["mfu"] if ok else None
+            row["max alloc GiB"] = r.get("cuda_max_allocated_gb")
+        else:
+            row["peak RSS GiB"] = r.get("peak_rss_gb")
+            row["RSS before GiB"] = r.get("rss_before_step_gb")
+        if not ok:
+            row["first step s"] = r["error"]
+        rows.append(row)
+    print(table(rows))
+    bf = [(r, by.get(r["name"].replace("fp32", "bf16"))) for r in results if "fp32" in r["name"]]
+    for a, b in bf:
+        if b and "error" not in a and "error" not in b:
+            print(
+                f"bf16 autocast vs fp32 ({a['name'].replace(' fp32', '')}): "
+                f"x{a['step_s'] / b['step_s']:.2f} step time"
+            )
+    if not (args.compile or cuda):
+        print("torch.compile: not measured (opt in with --compile; minutes on a small CPU)")
+    write_result(
+        "bench_train_step",
+        {
+            "device": device,
+            "latent": latent,
+            "flops_per_sample": flops,
+            "peak_tflops": args.peak_tflops if cuda else None,
+            "unet_config": SD15_UNET,
+            "lora_targets": LORA_TARGETS,
+            "results": results,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
