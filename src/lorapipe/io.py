@@ -1,43 +1,275 @@
-"""Atomic file writing: nothing half-written is ever taken as done.
+"""Atomic file writing and file integrity: nothing half-written or damaged is ever taken as done.
 
 Every output is written to a temporary name in the same folder, flushed and fsynced, then renamed
 over the final name (os.replace is atomic on POSIX). A kill or a full disk leaves the previous file,
-or no file, never a truncated one.
+or no file, never a truncated one; a full disk is reported naming the file and the free space.
+
+Cached stage outputs (shard manifests, captions, image and latent shards) also get a checksum
+sidecar ``<file>.sha256`` (``sha256sum`` format, so ``sha256sum -c`` reads it), written after the
+file itself. Consumers call :func:`verify_file` before use: a file that no longer matches its
+checksum is deleted, with its sidecar, and :class:`CorruptFileError` names it, so a rerun of the
+workflow rebuilds it. :func:`damage_token` makes the same check cheap enough to run while Snakemake
+builds its DAG, so that a file changed after it was written is rebuilt in the same invocation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import json
 import os
+import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+CHECKSUM_SUFFIX = ".sha256"
+DAMAGE_SUFFIX = ".damaged"
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class CorruptFileError(RuntimeError):
+    """A cached file does not match its recorded checksum, or its content cannot be decoded."""
+
+
+def _make_temp(path: Path) -> Path:
+    """An empty temporary file beside ``path`` (hidden, ``.tmp``), so the rename stays atomic."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _disk_full_error(e: OSError, paths: list[Path]) -> OSError:
+    folder = paths[0].parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder}"
+    except OSError:
+        free = f"free space in {folder} unknown"
+    names = ", ".join(map(str, paths))
+    return OSError(
+        e.errno,
+        f"{os.strerror(e.errno)} while writing {names} ({free}); "
+        "the previous file, if any, is kept: free some space and rerun",
+    )
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yield temporary paths beside ``paths``; on success each is renamed to its final name.
+
+    The renames happen in the given order, after every temporary file is complete and fsynced;
+    on any error, or a kill, no final name is touched and no temporary file is left (a kill -9
+    leaves at most hidden ``.<name>.*.tmp`` files, see :func:`remove_stale_temps`). A full disk
+    (ENOSPC, EDQUOT) is re-raised as an OSError with the same errno naming the file.
+    """
+    finals = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    try:
+        for p in finals:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmps.append(_make_temp(p))
+        yield list(tmps)
+        for tmp in tmps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        for tmp, p in zip(tmps, finals, strict=True):
+            os.replace(tmp, p)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise _disk_full_error(e, finals) from e
+        raise
+    finally:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic_paths(path) as (tmp,):
+        yield tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temps(*paths: str | os.PathLike) -> int:
+    """Delete temporary files that a killed writer of ``paths`` left behind; returns the count.
+
+    Only for outputs with a single writer at a time (a Snakemake job's own outputs): a temporary
+    file of a concurrent writer of the same name would be removed too.
+    """
+    n = 0
+    for p in map(Path, paths):
+        if not p.parent.is_dir():
+            continue
+        for stale in p.parent.glob(f".{glob_escape(p.name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+                n += 1
+    return n
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+# --- checksums -----------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """The checksum sidecar of ``path``: ``<path>.sha256``."""
+    return Path(f"{os.fspath(path)}{CHECKSUM_SUFFIX}")
+
+
+def checksum_line(path: str | os.PathLike, digest: str | None = None) -> str:
+    """The sidecar text of ``path`` (``sha256sum`` format, file name without folder)."""
+    return f"{digest or sha256_file(path)}  {Path(path).name}\n"
+
+
+def write_checksum(path: str | os.PathLike, digest: str | None = None) -> str:
+    """Write ``<path>.sha256`` for the (complete) file ``path``; returns the digest."""
+    line = checksum_line(path, digest)
+    atomic_write_text(checksum_path(path), line)
+    return line.split()[0]
+
+
+def read_checksum(path: str | os.PathLike) -> str | None:
+    """The digest recorded for ``path``; None without a sidecar, "" for an unreadable one."""
+    try:
+        text = checksum_path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    parts = text.split()
+    if len(parts) == 2 and len(parts[0]) == 64 and parts[1] == Path(path).name:
+        with contextlib.suppress(ValueError):
+            int(parts[0], 16)
+            return parts[0]
+    return ""
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Delete a damaged file and its checksum sidecar (so that the workflow rebuilds them)."""
+    for p in (Path(path), checksum_path(path)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def verify_file(path: str | os.PathLike, delete: bool = True) -> bool:
+    """Check ``path`` against its checksum sidecar before use.
+
+    Returns:
+        True when it matches, False when there is no sidecar to check against (a file made
+        outside the workflow).
+
+    Raises:
+        CorruptFileError: on a mismatch, after deleting the file and its sidecar (``delete``),
+            with a one-line message naming the file.
+        FileNotFoundError: when ``path`` does not exist.
+    """
+    expected = read_checksum(path)
+    if expected is None:
+        if not Path(path).exists():
+            raise FileNotFoundError(errno.ENOENT, "no such file", os.fspath(path))
+        return False
+    got = sha256_file(path)
+    if got == expected:
+        return True
+    if delete:
+        discard(path)
+    what = f"sha256 {got[:16]}… but {checksum_path(path).name} records " + (
+        f"{expected[:16]}…" if expected else "nothing readable"
+    )
+    raise CorruptFileError(
+        f"{path}: corrupted ({what}); "
+        + ("deleted it: rerun snakemake to rebuild it" if delete else "rebuild it")
+    )
+
+
+def damage_token(path: str | os.PathLike, record: bool = True) -> str:
+    """A Snakemake param that changes when ``path`` was damaged after it was written.
+
+    Cheap: the file is hashed only when it was modified after its sidecar (a flipped byte, a
+    partial copy, an edit), not on every call. A mismatch gives a new token, and Snakemake's
+    params rerun trigger rebuilds the file (and what depends on it) in the same invocation. The
+    token is kept in ``<path>.damaged`` (with ``record``), so it stays the same after the rebuild
+    and the rebuilt file is not rebuilt again. Damage that keeps the mtime (bit rot) is found by
+    :func:`verify_file` in the consumer instead.
+
+    Returns:
+        "" for a file never found damaged (or missing); otherwise the last damage's token.
+    """
+    path = Path(path)
+    record_file = Path(f"{path}{DAMAGE_SUFFIX}")
+    try:
+        data_ns = path.stat().st_mtime_ns
+        if data_ns > checksum_path(path).stat().st_mtime_ns:
+            expected, got = read_checksum(path), sha256_file(path)
+            if got != expected:
+                side_ns = checksum_path(path).stat().st_mtime_ns
+                token = f"damaged:{got[:16]}:{side_ns}"
+                if _recorded_token(record_file) != token:
+                    print(
+                        f"lorapipe: {path}: changed after it was written (sha256 {got[:16]}…, "
+                        f"recorded {(expected or 'nothing')[:16]}…): it will be rebuilt",
+                        file=sys.stderr,
+                    )
+                    if record:
+                        atomic_write_text(
+                            record_file,
+                            json.dumps({"token": token, "file": str(path), "expected": expected,
+                                        "found": got}) + "\n",
+                        )
+                return token
+            if record:  # intact, only touched: no need to hash it again next time
+                now = time.time_ns()
+                os.utime(checksum_path(path), ns=(now, max(now, data_ns)))
+    except FileNotFoundError:
+        pass
+    return _recorded_token(record_file)
+
+
+def _recorded_token(record_file: Path) -> str:
+    try:
+        return str(json.loads(record_file.read_text(encoding="utf-8"))["token"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def integrity_param(pattern: str, workflow) -> Callable:
+    """A Snakemake ``params:`` function: :func:`damage_token` of the rule's output ``pattern``.
+
+    It takes only ``wildcards``, so Snakemake compares its value with the one recorded when the
+    output was made (a params function of ``output`` would not be compared). Records are written
+    by the main Snakemake process of a real run only, never by a dry run or a cluster job.
+    """
+
+    def integrity(wildcards) -> str:
+        record = workflow.is_main_process and not workflow.dryrun
+        return damage_token(pattern.format(**dict(wildcards.items())), record=record)
+
+    return integrity
+
+
+# --- safetensors ---------------------------------------------------------------------------
 
 
 def canonical_safetensors(data: bytes) -> bytes:
