@@ -1,10 +1,15 @@
+from lorapipe.io import integrity_param
+
+
 rule caption:
     """Captions for one shard: edits and sidecars win, then the content-addressed cache."""
     input:
         manifest="results/{dataset}/manifest/{shard}.jsonl",
+        manifest_sha256="results/{dataset}/manifest/{shard}.jsonl.sha256",
         sidecars=get_shard_sidecars,
     output:
-        "results/{dataset}/captions/{shard}.jsonl",
+        jsonl="results/{dataset}/captions/{shard}.jsonl",
+        sha256="results/{dataset}/captions/{shard}.jsonl.sha256",
     log:
         "logs/caption/{dataset}/{shard}.log",
     conda:
@@ -15,5 +20,6 @@ rule caption:
         overrides=get_shard_overrides,
         cache="results/cache/captions",
         code=code_version("captions", "manifest", "io"),
+        integrity=integrity_param("results/{dataset}/captions/{shard}.jsonl", workflow),
     script:
         "../scripts/caption.py"

@@ -1,10 +1,17 @@
+from lorapipe.io import integrity_param
+
+
 rule encode:
     """VAE latent distributions and text-encoder outputs for one shard."""
     input:
         tar="results/{dataset}/shards/{shard}.tar",
+        tar_sha256="results/{dataset}/shards/{shard}.tar.sha256",
         model=get_encode_model_files,
     output:
-        ensure("results/{dataset}/latents/{model}-{res}/{shard}.tar", non_empty=True),
+        tar=ensure(
+            "results/{dataset}/latents/{model}-{res}/{shard}.tar", non_empty=True
+        ),
+        sha256="results/{dataset}/latents/{model}-{res}/{shard}.tar.sha256",
     log:
         "logs/encode/{dataset}/{model}-{res}/{shard}.log",
     benchmark:
@@ -20,5 +27,8 @@ rule encode:
         batch_size=8,
         code=code_version("latents", "models", "shards", "io"),
         libs=LIBS_TORCH,
+        integrity=integrity_param(
+            "results/{dataset}/latents/{model}-{res}/{shard}.tar", workflow
+        ),
     script:
         "../scripts/encode.py"

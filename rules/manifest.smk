@@ -1,9 +1,13 @@
+from lorapipe.io import integrity_param
+
+
 rule manifest:
     """Scan one shard: sha256, full decode, validation. Bad files are recorded, never fatal."""
     input:
         images=get_shard_images,
     output:
-        "results/{dataset}/manifest/{shard}.jsonl",
+        jsonl="results/{dataset}/manifest/{shard}.jsonl",
+        sha256="results/{dataset}/manifest/{shard}.jsonl.sha256",
     log:
         "logs/manifest/{dataset}/{shard}.log",
     conda:
@@ -15,6 +19,8 @@ rule manifest:
         cache="results/cache/scan/{dataset}/{shard}.jsonl",
         code=code_version("images", "manifest", "io"),
         pil=LIBS_IMAGE,
+        # changes when the output was damaged after it was written: rebuilds it (lorapipe.io)
+        integrity=integrity_param("results/{dataset}/manifest/{shard}.jsonl", workflow),
     script:
         "../scripts/manifest.py"
 

@@ -1,12 +1,18 @@
+from lorapipe.io import integrity_param
+
+
 rule shard:
     """One WebDataset shard: images decoded, bucketed, resized and cropped, with captions."""
     input:
         manifest="results/{dataset}/manifest/{shard}.jsonl",
+        manifest_sha256="results/{dataset}/manifest/{shard}.jsonl.sha256",
         captions="results/{dataset}/captions/{shard}.jsonl",
+        captions_sha256="results/{dataset}/captions/{shard}.jsonl.sha256",
         images=get_shard_images,
     output:
         tar=ensure("results/{dataset}/shards/{shard}.tar", non_empty=True),
         index="results/{dataset}/shards/{shard}.jsonl",
+        sha256="results/{dataset}/shards/{shard}.tar.sha256",
     log:
         "logs/shard/{dataset}/{shard}.log",
     conda:
@@ -16,5 +22,6 @@ rule shard:
         settings=get_shard_settings,
         code=code_version("shards", "images", "manifest", "io"),
         pil=LIBS_IMAGE,
+        integrity=integrity_param("results/{dataset}/shards/{shard}.tar", workflow),
     script:
         "../scripts/shard.py"

@@ -5,5 +5,5 @@ log = setup(snakemake.log[0])
 p = snakemake.params
 counts = caption_shard(
     p.root, snakemake.input.manifest, CaptionSettings(**p.settings), p.cache,
-    snakemake.output[0], overrides=dict(p.overrides),
+    snakemake.output.jsonl, overrides=dict(p.overrides), checksum=True,
 )

@@ -6,4 +6,5 @@ from lorapipe.logs import setup
 log = setup(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 p = snakemake.params
-encode_shard(snakemake.input.tar, p.model_path, snakemake.output[0], p.batch_size, p.dtype)
+encode_shard(snakemake.input.tar, p.model_path, snakemake.output.tar, p.batch_size, p.dtype,
+             checksum=True)

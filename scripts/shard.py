@@ -3,5 +3,6 @@ from lorapipe.shards import ShardSettings, write_shard
 
 log = setup(snakemake.log[0])
 p, i, o = snakemake.params, snakemake.input, snakemake.output
-n = write_shard(p.root, i.manifest, i.captions, ShardSettings(**p.settings), o.tar, o.index)
+n = write_shard(p.root, i.manifest, i.captions, ShardSettings(**p.settings), o.tar, o.index,
+                checksum=True)
 log.info("wrote %d samples to %s", n, o.tar)

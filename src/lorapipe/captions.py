@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import atomic_write_text
+from .io import atomic_write_text, remove_stale_temps, verify_file, write_checksum
 from .manifest import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -124,14 +124,20 @@ def caption_shard(
     cache_dir: str | os.PathLike,
     out_jsonl: str | os.PathLike,
     overrides: Mapping[str, str] | None = None,
+    checksum: bool = False,
 ) -> Counter:
     """Caption every valid image of one shard; write ``{path, sha256, caption, source}`` lines.
+
+    The manifest is checked against its checksum sidecar first, when it has one; ``checksum``
+    also writes ``<out_jsonl>.sha256`` (see :mod:`lorapipe.io`).
 
     Returns:
         Counts per source (``edit``, ``sidecar``, ``cache``, ``template``, ``blip``) plus ``empty``.
     """
     root, cache_dir = Path(root), Path(cache_dir)
     overrides = overrides or {}
+    remove_stale_temps(out_jsonl, f"{out_jsonl}.sha256")
+    verify_file(manifest_jsonl)
     records = [r for r in read_jsonl(manifest_jsonl) if r["status"] == "ok"]
     cid = settings.captioner_id()
     counts: Counter = Counter()
@@ -176,6 +182,8 @@ def caption_shard(
             counts["empty"] += 1
         lines.append(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
     atomic_write_text(out_jsonl, "".join(lines))
+    if checksum:
+        write_checksum(out_jsonl)
     n = len(records)
     hits = counts["cache"]
     misses = len(todo)

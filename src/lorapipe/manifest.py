@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .images import IMAGE_EXTENSIONS, ImageRejected, load_rgb, parse_colour
-from .io import atomic_write_text
+from .io import atomic_write_text, remove_stale_temps, verify_file, write_checksum
 
 
 @dataclass(frozen=True)
@@ -92,16 +92,19 @@ def scan_shard(
     settings: ScanSettings,
     out_jsonl: str | os.PathLike,
     cache_file: str | os.PathLike | None = None,
+    checksum: bool = False,
 ) -> dict[str, int]:
     """Write the manifest of one shard (one JSON record per image, sorted by path).
 
     Records of files whose (size, mtime_ns) and scan settings are unchanged since the last scan
-    are taken from ``cache_file`` instead of re-reading and re-decoding the file.
+    are taken from ``cache_file`` instead of re-reading and re-decoding the file. ``checksum``
+    also writes ``<out_jsonl>.sha256`` (see :mod:`lorapipe.io`).
 
     Returns:
         Counts: ``{"ok": n, "rejected": n, "cached": n}``.
     """
     root = Path(root)
+    remove_stale_temps(out_jsonl, f"{out_jsonl}.sha256")
     cache: dict[str, dict] = {}
     if cache_file and Path(cache_file).exists():
         for line in Path(cache_file).read_text(encoding="utf-8").splitlines():
@@ -125,6 +128,8 @@ def scan_shard(
         records.append(rec)
         new_cache.append(json.dumps({"stamp": stamp, "record": rec}, sort_keys=True))
     atomic_write_text(out_jsonl, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    if checksum:
+        write_checksum(out_jsonl)
     if cache_file:
         atomic_write_text(cache_file, "\n".join(new_cache) + "\n")
     return counts
@@ -145,9 +150,14 @@ def merge_manifests(
 ) -> dict[str, int]:
     """Merge shard manifests into the dataset-wide views (manifest.jsonl, rejected.tsv).
 
+    Each shard manifest is checked against its checksum sidecar first, when it has one.
+
     Raises:
         ValueError: when not a single valid image is left.
+        CorruptFileError: when a shard manifest was damaged (it is deleted, to be rebuilt).
     """
+    for p in shard_jsonls:
+        verify_file(p)
     records = sorted((r for p in shard_jsonls for r in read_jsonl(p)), key=lambda r: r["path"])
     ok = [r for r in records if r["status"] == "ok"]
     bad = [r for r in records if r["status"] != "ok"]

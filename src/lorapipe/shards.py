@@ -2,7 +2,8 @@
 
 One tar per shard (``<key>.png`` + ``<key>.json``) plus a jsonl index with one line per sample
 (key, path, sha256, bucket, crop, caption, and the sha256 of the stored PNG). Tars are byte-for-byte
-reproducible: fixed member order, fixed mtime/uid/gid, deterministic PNG encoding.
+reproducible: fixed member order, fixed mtime/uid/gid, deterministic PNG encoding. In the workflow
+each tar also has a checksum sidecar ``<shard>.tar.sha256`` that the encode stage verifies.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .images import Bucket, load_rgb, make_buckets, nearest_bucket, parse_colour, resize_crop
-from .io import atomic_path, atomic_write_text
+from .io import (
+    atomic_paths,
+    checksum_line,
+    checksum_path,
+    remove_stale_temps,
+    sha256_file,
+    verify_file,
+)
 from .manifest import read_jsonl
 
 TAR_MTIME = 0.0
@@ -42,58 +50,76 @@ def write_shard(
     settings: ShardSettings,
     out_tar: str | os.PathLike,
     out_index: str | os.PathLike,
+    checksum: bool = False,
 ) -> int:
-    """Write one shard's tar and index; returns the number of samples written."""
+    """Write one shard's tar and index; returns the number of samples written.
+
+    The manifest and captions are checked against their checksum sidecars first, when they have
+    them. The tar and index (and with ``checksum``, ``<out_tar>.sha256``) are committed together
+    at the end: an error or a full disk leaves the previous files and no temporary file.
+    """
     import webdataset as wds
 
     root = Path(root)
+    outs = [out_tar, out_index] + ([checksum_path(out_tar)] if checksum else [])
+    remove_stale_temps(*outs)
+    verify_file(manifest_jsonl)
+    verify_file(captions_jsonl)
     captions = {r["path"]: r for r in read_jsonl(captions_jsonl)}
     records = [r for r in read_jsonl(manifest_jsonl) if r["status"] == "ok"]
+    index: list[dict] = []
+    with atomic_paths(*outs) as tmps:
+        with (
+            open(tmps[0], "wb") as fh,
+            # closed on errors too: an unclosed tar stream later writes into the closed file
+            wds.TarWriter(fh, mtime=TAR_MTIME, user="lorapipe", group="lorapipe") as writer,
+        ):
+            _write_samples(root, records, captions, captions_jsonl, settings, writer, index)
+        lines = "".join(json.dumps(x, sort_keys=True, ensure_ascii=False) + "\n" for x in index)
+        with open(tmps[1], "wb") as fh:
+            fh.write(lines.encode("utf-8"))
+        if checksum:
+            with open(tmps[2], "wb") as fh:
+                fh.write(checksum_line(out_tar, sha256_file(tmps[0])).encode())
+    return len(index)
+
+
+def _write_samples(root, records, captions, captions_jsonl, settings, writer, index) -> None:
+    """Decode, bucket, resize and store each record's image; append its index line."""
     if settings.buckets:
         buckets = make_buckets(settings.resolution, settings.bucket_step)
-    index = []
-    with (
-        atomic_path(out_tar) as tmp,
-        open(tmp, "wb") as fh,
-        # closed on errors too: an unclosed tar stream later writes into the closed file
-        wds.TarWriter(fh, mtime=TAR_MTIME, user="lorapipe", group="lorapipe") as writer,
-    ):
-        for r in sorted(records, key=lambda r: sample_key(r["path"])):
-            if r["path"] not in captions:
-                raise ValueError(
-                    f"{captions_jsonl}: no caption for {r['path']}; rerun the caption step"
-                )
-            data = (root / r["path"]).read_bytes()
-            if hashlib.sha256(data).hexdigest() != r["sha256"]:
-                raise RuntimeError(
-                    f"{root / r['path']}: changed since it was scanned; rerun the workflow"
-                )
-            img = load_rgb(
-                data, max_pixels=settings.max_pixels, background=parse_colour(settings.background)
+    for r in sorted(records, key=lambda r: sample_key(r["path"])):
+        if r["path"] not in captions:
+            raise ValueError(
+                f"{captions_jsonl}: no caption for {r['path']}; rerun the caption step"
             )
-            if settings.buckets:
-                bucket = nearest_bucket(*img.size, buckets)
-            else:
-                bucket = Bucket(settings.resolution, settings.resolution)
-            img, crop = resize_crop(img, bucket)
-            buf = io.BytesIO()
-            img.save(buf, format="PNG", compress_level=1)
-            png = buf.getvalue()
-            meta = {
-                "path": r["path"],
-                "sha256": r["sha256"],
-                "caption": captions[r["path"]]["caption"],
-                "original_size": [r["width"], r["height"]],
-                "size": [bucket.width, bucket.height],
-                "crop": list(crop),
-            }
-            key = sample_key(r["path"])
-            writer.write({"__key__": key, "png": png, "json": json.dumps(meta, sort_keys=True)})
-            index.append({"key": key, "png_sha256": hashlib.sha256(png).hexdigest(), **meta})
-    atomic_write_text(
-        out_index, "".join(json.dumps(x, sort_keys=True, ensure_ascii=False) + "\n" for x in index)
-    )
-    return len(index)
+        data = (root / r["path"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != r["sha256"]:
+            raise RuntimeError(
+                f"{root / r['path']}: changed since it was scanned; rerun the workflow"
+            )
+        img = load_rgb(
+            data, max_pixels=settings.max_pixels, background=parse_colour(settings.background)
+        )
+        if settings.buckets:
+            bucket = nearest_bucket(*img.size, buckets)
+        else:
+            bucket = Bucket(settings.resolution, settings.resolution)
+        img, crop = resize_crop(img, bucket)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)
+        png = buf.getvalue()
+        meta = {
+            "path": r["path"],
+            "sha256": r["sha256"],
+            "caption": captions[r["path"]]["caption"],
+            "original_size": [r["width"], r["height"]],
+            "size": [bucket.width, bucket.height],
+            "crop": list(crop),
+        }
+        key = sample_key(r["path"])
+        writer.write({"__key__": key, "png": png, "json": json.dumps(meta, sort_keys=True)})
+        index.append({"key": key, "png_sha256": hashlib.sha256(png).hexdigest(), **meta})
 
 
 def read_samples(tar_path: str | os.PathLike):
