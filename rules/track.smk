@@ -10,15 +10,15 @@ rule track:
         summary="results/runs/{run}/train_summary.json",
     output:
         "results/runs/{run}/mlflow.json",
-    params:
-        uri=get_mlflow_uri,
-        experiment=config["mlflow"]["experiment"],
-        code=code_version("tracking", "runs", "fingerprint", "io"),
-    resources:
-        mlflow_db=1,
     log:
         "logs/track/{run}.log",
     conda:
         ENV
+    resources:
+        mlflow_db=1,
+    params:
+        uri=get_mlflow_uri,
+        experiment=config["mlflow"]["experiment"],
+        code=code_version("tracking", "runs", "fingerprint", "io"),
     script:
         "../scripts/track.py"

@@ -5,20 +5,22 @@ rule run_config:
         model=get_run_model_files,
     output:
         "results/runs/{run}/config.yaml",
-    params:
-        run=get_run_settings,
-        context=get_run_context,
-        code=code_version("train", "models", "latents", "config", "runs", "io"),
     log:
         "logs/run_config/{run}.log",
     conda:
         ENV
+    params:
+        run=get_run_settings,
+        context=get_run_context,
+        code=code_version("train", "models", "latents", "config", "runs", "io"),
     script:
         "../scripts/run_config.py"
 
 
 rule train:
-    """LoRA training; checkpoints live in results/checkpoints/ (never deleted by a rerun)."""
+    """LoRA training; checkpoints (and both export layouts of each saved step, in exports/) live
+    in results/checkpoints/ (never deleted by a rerun). Live metrics go to MLflow (mlflow.live).
+    """
     input:
         config="results/runs/{run}/config.yaml",
         latents=get_run_latents,
@@ -26,22 +28,37 @@ rule train:
     output:
         lora="results/runs/{run}/pytorch_lora_weights.safetensors",
         metrics="results/runs/{run}/metrics.jsonl",
-        loss="results/runs/{run}/loss.png",
+        loss=report(
+            "results/runs/{run}/loss.png",
+            caption="../report/loss.rst",
+            category="Runs",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "training loss"},
+        ),
         summary="results/runs/{run}/train_summary.json",
-    params:
-        model_path=get_run_model_path,
-        checkpoints="results/checkpoints/{run}",
-        code=code_version("train", "models", "latents", "config", "io"),
-    threads: 2
-    resources:
-        mem_mb=8000,
-        gpu=0,
     log:
         "logs/train/{run}.log",
     benchmark:
         "benchmarks/train/{run}.tsv"
     conda:
         ENV
+    threads: 2
+    resources:
+        mem_mb=8000,
+        gpu=0,
+    params:
+        model_path=get_run_model_path,
+        checkpoints="results/checkpoints/{run}",
+        # The MLflow run id is written into the LoRA's metadata: where it is logged is a setting.
+        mlflow_uri=get_mlflow_uri,
+        mlflow_experiment=config["mlflow"]["experiment"],
+        mlflow_live={
+            k: config["mlflow"][k]
+            for k in ("live", "live_every_steps", "live_every_s")
+        },
+        code=code_version(
+            "train", "models", "latents", "config", "io", "export", "runs", "tracking"
+        ),
     script:
         "../scripts/train.py"
 
@@ -55,13 +72,13 @@ rule export:
         captions=get_run_captions,
     output:
         "results/runs/{run}/{run}.safetensors",
-    params:
-        dataset=get_run_dataset,
-        code=code_version("export", "runs", "io"),
     log:
         "logs/export/{run}.log",
     conda:
         ENV
+    params:
+        dataset=get_run_dataset,
+        code=code_version("export", "runs", "io"),
     script:
         "../scripts/export.py"
 
@@ -73,14 +90,20 @@ rule sample:
         config="results/runs/{run}/config.yaml",
         model=get_run_model_files,
     output:
-        "results/runs/{run}/samples.png",
-    params:
-        model_path=get_run_model_path,
-        code=code_version("sampling", "models", "io"),
-    threads: 2
+        report(
+            "results/runs/{run}/samples.png",
+            caption="../report/samples.rst",
+            category="Runs",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "sample grid"},
+        ),
     log:
         "logs/sample/{run}.log",
     conda:
         ENV
+    threads: 2
+    params:
+        model_path=get_run_model_path,
+        code=code_version("sampling", "models", "io"),
     script:
         "../scripts/sample.py"

@@ -1,13 +1,13 @@
 import torch
 
 from lorapipe.logs import setup
-from lorapipe.runs import read_run_config
-from lorapipe.train import train
+from lorapipe.runs import train_run
 
 log = setup(snakemake.log[0], echo=True)
 torch.set_num_threads(snakemake.threads)
-run, fingerprint = read_run_config(snakemake.input.config)
+p = snakemake.params
+mlflow = {"uri": p.mlflow_uri, "experiment": p.mlflow_experiment, **p.mlflow_live}
 out_dir = snakemake.output.lora.rsplit("/", 1)[0]
-summary = train(run, list(snakemake.input.latents), snakemake.params.model_path, out_dir,
-                snakemake.params.checkpoints, fingerprint)
+summary = train_run(snakemake.input.config, list(snakemake.input.latents), p.model_path, out_dir,
+                    p.checkpoints, mlflow)
 log.info("done: %s", summary)

@@ -29,7 +29,9 @@ def render_samples(
     if p.is_file():
         pipe = StableDiffusionPipeline.from_single_file(str(p), local_files_only=True)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(str(p), local_files_only=True, safety_checker=None)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(p), local_files_only=True, safety_checker=None
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device).set_progress_bar_config(disable=True)
 
@@ -37,9 +39,8 @@ def render_samples(
         out = []
         for i, prompt in enumerate(prompts):
             g = torch.Generator("cpu").manual_seed(seed + i)
-            out.append(
-                pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=g).images[0]
-            )
+            image = pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=g)
+            out.append(image.images[0])
         return out
 
     base = row()

@@ -7,6 +7,9 @@ Reproducibility rules this loop keeps (see DESIGN.md, principle 6):
   once per epoch and draws the same numbers an uninterrupted run would have drawn;
 - a checkpoint holds LoRA weights, optimizer, LR schedule, scaler and the step; the data position is
   derived from the step. Resuming from it gives bit-identical LoRA bytes on CPU.
+
+Side channels that never change the LoRA: live MLflow metrics (a `tracking.LiveTracker`, optional)
+and, at each checkpoint, both export layouts of that step in ``<checkpoints>/exports/step-NNNNNN/``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig
-from .io import atomic_path, atomic_write_text, canonicalize_file, save_safetensors
+from .io import atomic_path, atomic_write_text, save_safetensors
 
 log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 2
@@ -40,7 +43,8 @@ class Plan:
 
 
 def _seed_of(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+    h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") >> 1
 
 
 def epoch_batches(samples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -118,28 +122,51 @@ def train(
     ckpt_dir: str | os.PathLike,
     fingerprint: str,
     stop_after: int | None = None,
+    tracker=None,
+    export_meta: dict[str, str] | None = None,
 ) -> dict:
     """Train one LoRA; resume from ``ckpt_dir`` when it holds a checkpoint of this fingerprint.
 
     Writes ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys, alpha in metadata),
-    ``metrics.jsonl`` and ``loss.png`` into ``out_dir``.
+    ``metrics.jsonl``, ``loss.png`` and ``train_summary.json`` into ``out_dir``.
 
     Args:
         fingerprint: identity of (config, data, model, code); checkpoints of another fingerprint
             are never resumed.
         stop_after: stop (without writing outputs) after this step — for tests of resume.
+        tracker: a `tracking.LiveTracker` for live MLflow metrics, or None (no MLflow at all).
+            Its run id goes into the exported files' metadata (``lorapipe_mlflow_run_id``) and
+            the summary. The run ends FINISHED, FAILED on an error, KILLED when stopped early.
+        export_meta: string metadata for every exported file (`runs.file_metadata`): the kohya
+            files of checkpoints get all of it, diffusers files the ``lorapipe_*`` fields.
 
     Returns:
-        Summary: steps, epochs, final loss, timings.
+        Summary: steps, epochs, final loss, timings, samples, MLflow run id.
     """
+    try:
+        summary = _train(
+            run, latent_shards, model_path, out_dir, ckpt_dir, fingerprint, stop_after,
+            tracker, dict(export_meta or {}),
+        )  # fmt: skip
+    except BaseException as e:
+        if tracker is not None:
+            tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker is not None:
+        tracker.close("KILLED" if "stopped_at" in summary else "FINISHED")
+    return summary
+
+
+def _train(
+    run, latent_shards, model_path, out_dir, ckpt_dir, fingerprint, stop_after, tracker, export_meta
+) -> dict:
     import torch
-    from diffusers import StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_snr
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from .export import export_checkpoint, save_diffusers_lora, tag_counts
     from .latents import load_latent_shards
     from .models import adapter_metadata, load_parts, lora_config, vae_scaling_factor
 
@@ -173,7 +200,7 @@ def train(
     if run.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if amp_dtype is not None:  # frozen weights in the AMP dtype; LoRA master weights stay fp32
-        for n, p in unet.named_parameters():
+        for p in unet.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(amp_dtype)
     unet.to(device).train()
@@ -199,13 +226,22 @@ def train(
         last = ckpts[-1]
         state = json.loads((last / "state.json").read_text())
         set_peft_model_state_dict(unet, load_file(last / "lora.safetensors", device=device))
-        opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location=device))
+        opt_state = torch.load(last / "optimizer.pt", weights_only=True, map_location=device)
+        opt.load_state_dict(opt_state)
         sched.load_state_dict(state["lr_scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step = state["step"]
         metrics = [json.loads(x) for x in (last / "metrics.jsonl").read_text().splitlines() if x]
         log.info("resumed from %s (step %d/%d)", last, step, plan.total_steps)
+    if tracker is not None:  # creates or continues the MLflow run; sends the restored history
+        tracker.start(backlog=metrics, resumed_step=step)
+    export_meta["lorapipe_fingerprint"] = fingerprint
+    tag_freq = tag_counts((s["meta"].get("caption", "") for s in samples), run.dataset)
+
+    def file_meta() -> dict[str, str]:
+        run_id = tracker.run_id if tracker is not None else None
+        return {**export_meta, **({"lorapipe_mlflow_run_id": run_id} if run_id else {})}
 
     forward = unet
     compile_s = 0.0
@@ -217,7 +253,8 @@ def train(
         tmp = ckpt_dir / f".step-{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        lora = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+        peft_state = get_peft_model_state_dict(unet)
+        lora = {k: v.detach().float().cpu().contiguous() for k, v in peft_state.items()}
         save_safetensors(lora, tmp / "lora.safetensors")
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -232,6 +269,18 @@ def train(
         os.replace(tmp, final)
         for old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
+        # Both export layouts of this step, for picking the best step: a few MB each, so all
+        # are kept (checkpoints carry optimizer state and serve resume only: the last few).
+        meta = file_meta()
+        meta.update(
+            ss_steps=str(step),
+            ss_epoch=str(math.ceil(step / plan.steps_per_epoch)),
+            ss_num_epochs=str(plan.epochs),
+        )
+        export_checkpoint(
+            peft_state, adapter_metadata(cfg), ckpt_dir / "exports" / f"step-{step:06d}",
+            run.to_dict(), meta, tag_freq,
+        )  # fmt: skip
 
     log.info(
         "run %s: %d samples, %d steps (%d epochs x %d), precision %s, device %s, compile %s",
@@ -252,7 +301,9 @@ def train(
             lat, noise, ts, text = [], [], [], []
             for i in batch:
                 s = samples[i]
-                eps_latent, nz, t, drop = _draw(s, run.seed, epoch, noise_sched.config.num_train_timesteps, run.noise_offset)
+                eps_latent, nz, t, drop = _draw(
+                    s, run.seed, epoch, noise_sched.config.num_train_timesteps, run.noise_offset
+                )
                 z = s["mean"].float() + torch.exp(0.5 * s["logvar"].float()) * eps_latent
                 lat.append(z * scaling)
                 noise.append(nz)
@@ -263,16 +314,24 @@ def train(
             timesteps = torch.tensor(ts, device=device, dtype=torch.long)
             cond = torch.stack(text).to(device)
             noisy = noise_sched.add_noise(latents, noise_t, timesteps)
-            target = noise_t if prediction == "epsilon" else noise_sched.get_velocity(latents, noise_t, timesteps)
+            if prediction == "epsilon":
+                target = noise_t
+            else:
+                target = noise_sched.get_velocity(latents, noise_t, timesteps)
             data_s += time.perf_counter() - td
             tc = time.perf_counter()
-            with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            autocast = torch.autocast(
+                device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            )
+            with autocast:
                 try:
                     pred = forward(noisy, timesteps, cond, return_dict=False)[0]
                 except Exception as e:  # a failed compile must not lose the run
                     if forward is unet:
                         raise
-                    log.warning("torch.compile failed (%s: %s); training eagerly", type(e).__name__, e)
+                    log.warning(
+                        "torch.compile failed (%s: %s); training eagerly", type(e).__name__, e
+                    )
                     forward = unet
                     pred = forward(noisy, timesteps, cond, return_dict=False)[0]
             if step == steps_at_loop_start and forward is not unet:
@@ -314,7 +373,13 @@ def train(
             "skipped": bool(skipped),
             "time": time.time(),
         }
+        if device == "cuda":  # peak of this step, and what the caching allocator holds
+            m["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            m["gpu_mem_reserved_gb"] = torch.cuda.memory_reserved() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         metrics.append(m)
+        if tracker is not None:
+            tracker.log(m)
         done = step - steps_at_loop_start
         eta = (time.perf_counter() - t_loop) / done * (plan.total_steps - step)
         log.info(
@@ -327,19 +392,14 @@ def train(
         if stop_after is not None and step >= stop_after:
             return {"stopped_at": step}
 
-    # Export: diffusers/PEFT keys, with the adapter config (alpha!) in the metadata.
-    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    lora = {k: v.detach().float().cpu().contiguous() for k, v in lora.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / ".export.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(
-        staging, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata(cfg)
-    )
-    # diffusers writes the file; canonicalize_file makes its header byte-reproducible.
-    canonicalize_file(staging / "pytorch_lora_weights.safetensors")
-    os.replace(staging / "pytorch_lora_weights.safetensors", out_dir / "pytorch_lora_weights.safetensors")
-    shutil.rmtree(staging, ignore_errors=True)
+    if tracker is not None:  # every step sent (or given up on) before the run id is written down
+        tracker.flush()
+    # Export: diffusers/PEFT keys, with the adapter config (alpha!) and the trace in the metadata.
+    trace = {k: v for k, v in file_meta().items() if k.startswith("lorapipe_")}
+    save_diffusers_lora(
+        get_peft_model_state_dict(unet), adapter_metadata(cfg),
+        out_dir / "pytorch_lora_weights.safetensors", trace,
+    )  # fmt: skip
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     plot_loss(metrics, out_dir / "loss.png", run.name)
     steady = [m["images_per_s"] for m in metrics[steps_at_loop_start + 1 :]]
@@ -353,6 +413,8 @@ def train(
         "compile_s": compile_s,
         "wall_s": time.perf_counter() - t_start,
         "images_per_s_steady": sum(steady) / len(steady) if steady else None,
+        "samples": len(samples),
+        "mlflow_run_id": trace.get("lorapipe_mlflow_run_id"),
     }
     atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=1))
     return summary
@@ -375,7 +437,8 @@ def plot_loss(metrics: list[dict], path: str | os.PathLike, title: str) -> None:
     steps = [m["step"] for m in metrics]
     loss = [m["loss"] for m in metrics]
     k = max(1, len(loss) // 20)
-    avg = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]
+    windows = [loss[max(0, i - k + 1) : i + 1] for i in range(len(loss))]
+    avg = [sum(w) / len(w) for w in windows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, loss, alpha=0.35, label="loss")
     ax.plot(steps, avg, label=f"mean of {k}")

@@ -193,3 +193,27 @@ def test_partly_logged_run_is_completed_without_duplicates(server, tmp_path, mon
     run = get(server["base"], "runs/get", run_id=run_id)["run"]
     assert {p["key"]: p["value"] for p in run["data"]["params"]}["dataset.buckets"] == "True"
     assert run["info"]["status"] == "FINISHED"
+
+
+def test_live_tracker_over_http_then_log_run_completes_it(server, tmp_path):
+    """The train stage's live metrics over REST; the track rule then finds that run and adds only
+    what is missing."""
+    from lorapipe.tracking import LiveTracker
+
+    fp = "34" * 32
+    t = LiveTracker(server["base"], "lorapipe-test", "demo", fp, params=CONFIG, every_s=0.2)
+    t.start()
+    for i in range(1, 4):
+        t.log(json.loads(metrics_line(i)))
+    assert t.flush(30)
+    run_id = t.run_id
+    assert [m["step"] for m in history(server, run_id, "loss")] == [1, 2, 3]
+    assert get(server["base"], "runs/get", run_id=run_id)["run"]["info"]["status"] == "RUNNING"
+    assert t.close("FINISHED") == run_id
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    # metrics.jsonl has two steps the live tracker never sent (e.g. a lost connection)
+    assert call(server, tmp_path, 5, fp=fp) == run_id
+    assert [m["step"] for m in history(server, run_id, "loss")] == [1, 2, 3, 4, 5]
+    run = get(server["base"], "runs/get", run_id=run_id)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    assert {p["key"]: p["value"] for p in run["data"]["params"]}["run.lora_rank"] == "4"

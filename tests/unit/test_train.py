@@ -36,8 +36,10 @@ def latents(tmp_path_factory, demo_images, tiny_model) -> list[str]:
     out = []
     for k in range(2):
         m, c = d / f"m{k}.jsonl", d / f"c{k}.jsonl"
-        scan_shard(demo_images, shard_files(files, 2, k), ScanSettings(64, 0.5, 10**8, "#ffffff"), m)
-        caption_shard(demo_images, m, CaptionSettings("template", "a {trigger}", "thing"), d / "cc", c)
+        scan = ScanSettings(64, 0.5, 10**8, "#ffffff")
+        scan_shard(demo_images, shard_files(files, 2, k), scan, m)
+        captions = CaptionSettings("template", "a {trigger}", "thing")
+        caption_shard(demo_images, m, captions, d / "cc", c)
         write_shard(demo_images, m, c, ShardSettings(64, 16, True, 10**8, "#ffffff"),
                     d / f"s{k}.tar", d / f"s{k}.jsonl")
         encode_shard(d / f"s{k}.tar", tiny_model, d / f"l{k}.tar")
@@ -99,7 +101,8 @@ def test_resume_is_bit_exact_and_counts_stay_right(latents, tiny_model, tmp_path
         "stopped_at": 5
     }
     # checkpoint at step 4 only (save_steps=4); step 5 is lost work and must be redone
-    assert sorted(p.name for p in (ck / ("a" * 16)).iterdir()) == ["step-000004"]
+    assert sorted(p.name for p in (ck / ("a" * 16)).glob("step-*")) == ["step-000004"]
+    assert sorted(p.name for p in (ck / ("a" * 16) / "exports").iterdir()) == ["step-000004"]
     train(run, latents, str(tiny_model), tmp_path / "x", ck, "a" * 64, stop_after=10)
     out = train(run, latents, str(tiny_model), tmp_path / "x", ck, "a" * 64)
     assert out["steps"] == ref["steps"] and out["epochs"] == ref["epochs"]
@@ -195,16 +198,133 @@ def test_fp16_on_cpu_is_a_config_error(latents, tiny_model, tmp_path):
     from lorapipe.train import train
 
     with pytest.raises(ValueError, match="mixed_precision: fp16 needs a GPU"):
-        train(run_config(mixed_precision="fp16"), latents, str(tiny_model), tmp_path, tmp_path, "0" * 64)
+        train(run_config(mixed_precision="fp16"), latents, str(tiny_model), tmp_path, tmp_path,
+              "0" * 64)  # fmt: skip
 
 
 def test_bf16_autocast_trains_on_cpu(latents, tiny_model, tmp_path):
     from lorapipe.train import train
 
-    s = train(run_config(mixed_precision="bf16", epochs=1), latents, str(tiny_model), tmp_path / "o",
-              tmp_path / "c", "1" * 64)
+    s = train(run_config(mixed_precision="bf16", epochs=1), latents, str(tiny_model),
+              tmp_path / "o", tmp_path / "c", "1" * 64)  # fmt: skip
     assert s["precision"] == "bf16"
     from safetensors.torch import load_file
 
     sd = load_file(tmp_path / "o" / "pytorch_lora_weights.safetensors")
     assert all(v.dtype.is_floating_point and v.dtype.itemsize == 4 for v in sd.values())
+
+
+def read_st(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_live_mlflow_resume_run_id_and_checkpoint_exports(latents, tiny_model, tmp_path):
+    """Stopped early, then resumed, with live tracking into a sqlite store: one MLflow run that
+    has every step once; its id is in the exported files; each checkpoint exported in both
+    layouts, loadable by diffusers."""
+    from mlflow import MlflowClient
+
+    from lorapipe.tracking import LiveTracker
+    from lorapipe.train import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fp = "9" * 64
+
+    def tracker():
+        return LiveTracker(uri, "t", "demo", fp, params={"run": {"lora_rank": 4}}, every_s=0.5)
+
+    run = run_config()
+    meta = {"lorapipe_run": "demo", "ss_resolution": "(64, 64)"}
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    first = tracker()
+    assert train(run, latents, str(tiny_model), out, ck, fp, stop_after=6, tracker=first,
+                 export_meta=meta) == {"stopped_at": 6}  # fmt: skip
+    client = MlflowClient(uri)
+    run_id = first.run_id
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+
+    s = train(run, latents, str(tiny_model), out, ck, fp, tracker=tracker(), export_meta=meta)
+    assert s["mlflow_run_id"] == run_id
+    info = client.get_run(run_id)
+    assert info.info.status == "FINISHED" and info.data.params["run.lora_rank"] == "4"
+    assert info.data.tags["lorapipe.resumed_at_step"] == "4"
+    jsonl = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, s["steps"] + 1))  # 5, 6 not twice
+    assert [m.value for m in history] == pytest.approx([m["loss"] for m in jsonl])
+    tensors, md = read_st(out / "pytorch_lora_weights.safetensors")
+    assert md["lorapipe_mlflow_run_id"] == run_id and md["lorapipe_fingerprint"] == fp
+    assert md["lorapipe_run"] == "demo" and "ss_resolution" not in md  # kohya fields: kohya only
+    assert "lora_adapter_metadata" in md
+
+    exports = ck / fp[:16] / "exports"
+    saved = list(range(4, s["steps"], 4))
+    assert sorted(p.name for p in exports.iterdir()) == [f"step-{n:06d}" for n in saved]
+    last = exports / f"step-{saved[-1]:06d}"
+    kohya_name = f"demo-step{saved[-1]:06d}.safetensors"
+    assert sorted(p.name for p in last.iterdir()) == sorted(
+        [kohya_name, "pytorch_lora_weights.safetensors"]
+    )
+    dt, dmeta = read_st(last / "pytorch_lora_weights.safetensors")
+    assert set(dt) == set(tensors) and dmeta["lorapipe_mlflow_run_id"] == run_id
+    kt, kmeta = read_st(last / kohya_name)
+    assert all(k.startswith("lora_unet_") for k in kt) and len(kt) == len(dt) // 2 * 3
+    assert kmeta["ss_steps"] == str(saved[-1]) and kmeta["ss_output_name"] == kohya_name[:-12]
+    assert kmeta["ss_network_alpha"] == "8" and kmeta["ss_network_dim"] == "4"
+    assert kmeta["ss_resolution"] == "(64, 64)" and kmeta["lorapipe_mlflow_run_id"] == run_id
+    tag_freq = json.loads(kmeta["ss_tag_frequency"])
+    assert list(tag_freq) == ["demo"] and sum(tag_freq["demo"].values()) >= s["samples"]
+
+    # One quick check that diffusers loads both layouts of a checkpoint, to the same image.
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a thing", num_inference_steps=2, height=64, width=64, generator=g,
+                    output_type="np").images[0]  # fmt: skip
+
+    base = image()
+    pipe.load_lora_weights(str(last), adapter_name="d")
+    with_diffusers = image()
+    pipe.load_lora_weights(str(last), weight_name=kohya_name, adapter_name="k")
+    pipe.set_adapters(["k"])
+    with_kohya = image()
+    assert abs(with_diffusers - base).max() > 1e-4
+    assert abs(with_kohya - with_diffusers).max() < 1e-4
+
+
+def test_unreachable_mlflow_never_stops_training(latents, tiny_model, tmp_path):
+    from lorapipe.tracking import LiveTracker
+    from lorapipe.train import train
+
+    t = LiveTracker("http://127.0.0.1:9", "t", "demo", "b" * 64, every_steps=1, every_s=0.05)
+    s = train(run_config(epochs=1), latents, str(tiny_model), tmp_path / "o", tmp_path / "c",
+              "b" * 64, tracker=t)  # fmt: skip
+    assert s["mlflow_run_id"] is None and t.failures >= 1
+    lines = (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines]
+    assert steps == list(range(1, s["steps"] + 1))
+    _, md = read_st(tmp_path / "o" / "pytorch_lora_weights.safetensors")
+    assert "lorapipe_mlflow_run_id" not in md and md["lorapipe_fingerprint"] == "b" * 64
+
+
+def test_failed_training_marks_the_mlflow_run_failed(latents, tiny_model, tmp_path):
+    from mlflow import MlflowClient
+
+    from lorapipe.tracking import LiveTracker
+    from lorapipe.train import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = LiveTracker(uri, "t", "demo", "d" * 64)
+    with pytest.raises(FloatingPointError):
+        train(run_config(learning_rate=1e30, max_grad_norm=0, noise_offset=1e38), latents,
+              str(tiny_model), tmp_path / "b", tmp_path / "cb", "d" * 64, tracker=t)  # fmt: skip
+    assert MlflowClient(uri).get_run(t.run_id).info.status == "FAILED"
