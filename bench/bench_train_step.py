@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -107,6 +110,8 @@ def count_flops(latent: int, lora_rank: int) -> float:
 
 
 def child(cfg: dict) -> dict:
+    if cfg.get("inductor_cache"):  # before torch is imported: a cold (fresh) or warm cache
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cfg["inductor_cache"]
     import torch
 
     torch.manual_seed(0)
@@ -132,9 +137,13 @@ def child(cfg: dict) -> dict:
     timesteps = torch.randint(0, 1000, (b,), generator=g).to(device)
     forward = torch.compile(unet) if cfg["compile"] else unet
 
+    fwd_times = []
+
     def step() -> float:
+        t = time.perf_counter()
         with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
             pred = forward(noisy, timesteps, cond, return_dict=False)[0]
+        fwd_times.append(time.perf_counter() - t)  # (CUDA: launch time unless compiling)
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -164,6 +173,7 @@ def child(cfg: dict) -> dict:
         **cfg,
         "build_s": build_s,
         "first_step_s": first_s,
+        "first_forward_s": fwd_times[0],
         "step_s": median(times),
         "min_step_s": min(times),
         "step_times_s": times,
@@ -199,21 +209,25 @@ def cached_flops(latent: int, lora_rank: int) -> float:
 
 
 def run_child(cfg: dict, timeout: float) -> dict:
+    """One configuration in a fresh interpreter (its own session: a timeout kills its compile
+    workers too)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(cfg)]
     t = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {**cfg, "error": f"not measured: over the {timeout:.0f} s limit"}
     wall = time.perf_counter() - t
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout)[-2000:]
-        return {
-            **cfg,
-            "error": f"exit {proc.returncode}: {tail.strip().splitlines()[-1:]}",
-            "stderr_tail": tail,
-        }
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+        tail = (stderr or stdout)[-2000:]
+        last = tail.strip().splitlines()[-1:] or ["?"]
+        return {**cfg, "error": f"exit {proc.returncode}: {last[0]}", "stderr_tail": tail}
+    res = json.loads(stdout.strip().splitlines()[-1])
     res["process_wall_s"] = wall
     return res
 
@@ -231,6 +245,12 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak, bf16 dense")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per configuration")
+    ap.add_argument(
+        "--warm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with compile: also time a rerun on the warm Inductor cache (first batch size)",
+    )
     ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -246,7 +266,7 @@ def main() -> None:
     latent = args.latent or (64 if cuda else 16)
     batches = [int(x) for x in (args.batch or ("1,4,8" if cuda else "1")).split(",")]
     precisions = (args.precision or ("bf16" if cuda else "fp32,bf16")).split(",")
-    compiles = [False] + ([True] if args.compile or (cuda and not args.no_compile) else [])
+    compiled = args.compile or (cuda and not args.no_compile)
     steps = args.steps or (20 if cuda else 6)
 
     t = time.perf_counter()
@@ -259,40 +279,58 @@ def main() -> None:
     )
 
     results = []
-    for batch in batches:
-        for precision in precisions:
-            for comp in compiles:
-                cfg = {
-                    "device": device,
-                    "latent": latent,
-                    "batch": batch,
-                    "precision": precision,
-                    "compile": comp,
-                    "steps": steps,
-                    "warmup": args.warmup,
-                    "lora_rank": args.lora_rank,
-                }
-                name = f"b{batch} {precision} {'compile' if comp else 'eager'}"
-                print(f"  running {name} ...", flush=True)
-                r = run_child(cfg, args.timeout)
-                r["name"] = name
-                if "error" in r:
-                    print(f"    {r['error']}", flush=True)
-                else:
-                    achieved = flops * r["images_per_s"] / 1e12
-                    r["achieved_tflops"] = achieved
-                    if cuda:
-                        r["mfu"] = achieved / args.peak_tflops
-                results.append(r)
+    cache_root = out_dir() / f"inductor-cache-{os.getpid()}"
+    try:
+        for i, batch in enumerate(batches):
+            for precision in precisions:
+                modes = ["eager"]
+                if compiled:  # cold: a fresh Inductor cache; warm: the cache the cold run left
+                    modes += ["compile"] + (["compile, warm cache"] if i == 0 and args.warm else [])
+                for mode in modes:
+                    cache = cache_root / f"b{batch}-{precision}"
+                    cfg = {
+                        "device": device,
+                        "latent": latent,
+                        "batch": batch,
+                        "precision": precision,
+                        "compile": mode != "eager",
+                        "mode": mode,
+                        "inductor_cache": str(cache) if mode != "eager" else None,
+                        "steps": steps,
+                        "warmup": args.warmup,
+                        "lora_rank": args.lora_rank,
+                    }
+                    name = f"b{batch} {precision} {mode}"
+                    if mode == "compile":
+                        shutil.rmtree(cache, ignore_errors=True)
+                    if mode == "compile, warm cache" and "error" in results[-1]:
+                        continue
+                    print(f"  running {name} ...", flush=True)
+                    r = run_child(cfg, args.timeout)
+                    r["name"] = name
+                    if "error" in r:
+                        print(f"    {r['error']}", flush=True)
+                    else:
+                        print(
+                            f"    first step {r['first_step_s']:.1f} s, step {r['step_s']:.3f} s",
+                            flush=True,
+                        )
+                        r["achieved_tflops"] = flops * r["images_per_s"] / 1e12
+                        if cuda:
+                            r["mfu"] = r["achieved_tflops"] / args.peak_tflops
+                    results.append(r)
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)
 
-    by = {r["name"]: r for r in results}
+    by = {(r["batch"], r["precision"], r["mode"]): r for r in results}
     rows = []
     for r in results:
         ok = "error" not in r
-        eager = by.get(r["name"].replace("compile", "eager"))
+        eager = by.get((r["batch"], r["precision"], "eager"))
         row = {
             "config": r["name"],
             "first step s": r.get("first_step_s"),
+            "1st fwd s": r.get("first_forward_s"),
             "step s": r.get("step_s"),
             "min step s": r.get("min_step_s"),
             "img/s": r.get("images_per_s"),
@@ -311,14 +349,11 @@ def main() -> None:
             row["first step s"] = r["error"]
         rows.append(row)
     print(table(rows))
-    bf = [(r, by.get(r["name"].replace("fp32", "bf16"))) for r in results if "fp32" in r["name"]]
-    for a, b in bf:
-        if b and "error" not in a and "error" not in b:
-            print(
-                f"bf16 autocast vs fp32 ({a['name'].replace(' fp32', '')}): "
-                f"x{a['step_s'] / b['step_s']:.2f} step time"
-            )
-    if not (args.compile or cuda):
+    for (batch, precision, mode), a in by.items():
+        b = by.get((batch, "bf16", mode))
+        if precision == "fp32" and b and "error" not in a and "error" not in b:
+            print(f"bf16 autocast vs fp32 (b{batch} {mode}): x{a['step_s'] / b['step_s']:.2f}")
+    if not compiled:
         print("torch.compile: not measured (opt in with --compile; minutes on a small CPU)")
     write_result(
         "bench_train_step",
