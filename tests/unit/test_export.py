@@ -245,3 +245,32 @@ def test_read_alpha_variants():
         read_alpha(meta(), "text_encoder")
     with pytest.raises(ValueError, match="lora_adapter_metadata"):
         read_alpha({"format": "pt"})
+
+
+def test_export_metadata_traces_the_run_and_its_mlflow_run(tmp_path):
+    import yaml
+
+    from lorapipe.runs import export_metadata, file_metadata
+
+    fps = {k: k[0] * 64 for k in ("run", "config", "dataset_manifest", "base_model", "code")}
+    doc = {
+        "run": {"name": "demo", "lora_rank": 4},
+        "dataset": {"name": "d", "resolution": 64, "buckets": True},
+        "base_model": {"path": "results/models/tiny-sd"},
+        "fingerprints": fps,
+        "git": {"commit": "abc"},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(doc))
+    summary = {"steps": 12, "epochs": 3, "mlflow_run_id": "0123abcd"}
+    (tmp_path / "s.json").write_text(json.dumps(summary))
+    run, extra = export_metadata(str(tmp_path / "config.yaml"), str(tmp_path / "s.json"))
+    assert run == doc["run"]
+    assert extra["lorapipe_mlflow_run_id"] == "0123abcd"
+    assert extra["lorapipe_fingerprint"] == fps["run"] and extra["lorapipe_git_commit"] == "abc"
+    assert (extra["ss_steps"], extra["ss_epoch"], extra["ss_resolution"]) == ("12", "3", "(64, 64)")
+    assert extra["ss_sd_model_name"] == "tiny-sd"
+    assert file_metadata(doc).items() <= extra.items()
+    # no MLflow run (live tracking off, store unreachable): no key, rather than an empty one
+    (tmp_path / "s.json").write_text(json.dumps({**summary, "mlflow_run_id": None}))
+    _, extra = export_metadata(str(tmp_path / "config.yaml"), str(tmp_path / "s.json"))
+    assert "lorapipe_mlflow_run_id" not in extra
