@@ -129,7 +129,8 @@ def train_run(
     doc = read_run_config(config_yaml, context=True)
     run, fingerprint = read_run_config(config_yaml)
     tracker = None
-    if mlflow and mlflow.get("live", True):
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one process talks to MLflow
+    if mlflow and mlflow.get("live", True) and rank0:
         tracker = LiveTracker(
             tracking_uri(mlflow.get("uri"), os.getcwd()),
             mlflow["experiment"],
