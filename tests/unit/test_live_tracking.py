@@ -40,7 +40,8 @@ def steps(uri: str, run_id: str, key: str = "loss") -> list[int]:
     return sorted(m.step for m in client(uri).get_metric_history(run_id, key))
 
 
-def test_metrics_arrive_while_training_and_run_ends_finished(tmp_path):
+def test_metrics_arrive_while_training_and_run_ends_finished(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     t = tracker(uri)
     t.start()
@@ -114,7 +115,8 @@ def test_store_down_then_back_gets_everything_later(tmp_path):
     assert client(uri).get_run(t.run_id).info.status == "FINISHED"
 
 
-def test_unreachable_server_never_blocks(caplog):
+def test_unreachable_server_never_blocks(caplog, monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     t = tracker("http://127.0.0.1:9", every_steps=1, every_s=0.05, close_timeout_s=20)
     t.start()
     began = time.monotonic()
