@@ -1,0 +1,421 @@
+"""Chaos run: kill -9 the whole Snakemake run at seeded points across stages, recover, compare.
+
+    python bench/chaos.py --points 20 --seed 0          # ~3 kill points per full pipeline run
+    python bench/chaos.py --points 6 --per-round 3 --images 12 --shards 3 --keep
+
+First a clean run (the reference); then rounds, each a fresh workflow folder driven to completion
+through ``--per-round`` kills. A kill point is a rule (drawn from those the clean run ran) and a
+delay after one of its jobs starts (drawn from 0 to that job's clean duration, so it lands inside
+the job, or just after it). At each point the whole process group is SIGKILLed (Snakemake and
+every job); recovery is the documented one (README, "When things go wrong"):
+
+    snakemake --unlock
+    snakemake --cores 2 --rerun-incomplete
+
+A round passes when its final invocation exits 0, every compared output has the clean run's
+sha256, no temporary file is left in the stage folders, and a dry run then has nothing to do.
+Compared: every file under results/ except checkpoints/, cache/scan/ (stamps hold mtimes) and a
+run's mlflow.json, metrics.jsonl and train_summary.json (MLflow run ids, timings). Results go to
+bench/out/chaos.json; the exit status is 1 if any round failed.
+
+The functions here are also used by tests/integration/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+COPY = ("Snakefile", "rules", "scripts", "src", "schemas", "envs", "profiles", "config")
+EXCLUDE = (
+    re.compile(r"^results/checkpoints/"),
+    re.compile(r"^results/cache/scan/"),
+    re.compile(r"^results/runs/[^/]+/(mlflow\.json|metrics\.jsonl|train_summary\.json)$"),
+    re.compile(r"\.damaged$"),
+    re.compile(r"\.tmp$"),
+)
+JOB_START = re.compile(r"^(?:local)?rule (\S+):$")
+JOB_DONE = re.compile(r"^Finished jobid: (\d+) \(Rule: (\S+)\)")
+
+
+def config(images_shards: int = 3) -> dict:
+    """A one-run workflow config on the tiny model, like the integration tests'."""
+    return {
+        "mlflow": {"experiment": "chaos"},
+        "datasets": {
+            "mine": {
+                "path": "data/mine",
+                "resolution": 64,
+                "bucket_step": 16,
+                "shards": images_shards,
+                "captioner": "template",
+                "caption_template": "a {trigger}",
+                "trigger": "thing",
+            },
+        },
+        "base_models": {"tiny-sd": {"path": "results/models/tiny-sd", "tiny": {"seed": 0}}},
+        "defaults": {
+            "max_steps": 4,
+            "save_steps": 2,
+            "batch_size": 4,
+            "lora_rank": 4,
+            "validation_prompts": ["a thing"],
+            "validation_steps": 2,
+        },
+        "runs": {"r1": {"dataset": "mine", "base_model": "tiny-sd"}},
+    }
+
+
+def copy_workflow(dest: Path, src: Path = REPO) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in COPY:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif (src / name).exists():
+            shutil.copy2(src / name, dest / name)
+    return dest
+
+
+def make_workdir(work: Path, data: Path, cfg: dict) -> Path:
+    """A workflow folder with a copy of ``data`` (same bytes and mtimes) and ``cfg``."""
+    import yaml
+
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(data, work / "data" / "mine")
+    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return work
+
+
+def make_data(dest: Path, images: int = 12, seed: int = 3) -> Path:
+    sys.path.insert(0, str(REPO / "src"))
+    from lorapipe.demo import make_demo_dataset
+
+    make_demo_dataset(dest, images=images, seed=seed)
+    return dest
+
+
+def command(code: Path, work: Path, *args: str) -> list[str]:
+    return [
+        SNAKEMAKE,
+        "--snakefile",
+        str(code / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "cfg.yaml"),
+        "--cores",
+        "2",
+        *args,
+    ]
+
+
+def environment(work: Path) -> dict:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@dataclass
+class Run:
+    """A Snakemake invocation in its own process group, its output read line by line."""
+
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    started: list[tuple[float, str]] = field(default_factory=list)  # (time, rule)
+    finished: list[tuple[float, str]] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    reader: threading.Thread | None = None
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            now = time.monotonic() - self.t0
+            with self.changed:
+                self.lines.append(line)
+                if m := JOB_START.match(line):
+                    self.started.append((now, m.group(1)))
+                elif m := JOB_DONE.match(line):
+                    self.finished.append((now, m.group(2)))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def running(self) -> list[str]:
+        """Rules of the jobs started but not finished (by count per rule)."""
+        left: dict[str, int] = {}
+        for _, r in self.started:
+            left[r] = left.get(r, 0) + 1
+        for _, r in self.finished:
+            left[r] -= 1
+        return sorted(r for r, n in left.items() for _ in range(n))
+
+    def wait_for_rule(self, rule: str | None, timeout: float) -> bool:
+        """Block until a job of ``rule`` (any job: None) starts (True), or the run ends or the
+        time is out (False)."""
+        end = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                if any(rule in (r, None) for _, r in self.started):
+                    return True
+                left = end - time.monotonic()
+                if left <= 0 or not self.reader.is_alive():  # timed out, or the run ended
+                    return False
+                self.changed.wait(min(left, 0.5))
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: Snakemake and every job it started."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.wait()
+
+    def wait(self, timeout: float | None = None) -> int:
+        rc = self.proc.wait(timeout)
+        self.reader.join(timeout=10)
+        return rc
+
+
+def start(code: Path, work: Path, *args: str) -> Run:
+    proc = subprocess.Popen(
+        command(code, work, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment(work),
+        start_new_session=True,
+    )
+    run = Run(proc)
+    run.reader = threading.Thread(target=run._read, daemon=True)
+    run.reader.start()
+    return run
+
+
+def snakemake(code: Path, work: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(code, work, *args), capture_output=True, text=True, env=environment(work)
+    )
+
+
+def output_hashes(work: Path) -> dict[str, str]:
+    """sha256 of every compared file under ``work/results`` (see EXCLUDE)."""
+    out = {}
+    for p in sorted((work / "results").rglob("*")):
+        rel = p.relative_to(work).as_posix()
+        if p.is_file() and not any(x.search(rel) for x in EXCLUDE):
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def leftover_temps(work: Path) -> list[str]:
+    """Temporary files of atomic writes left anywhere under results/."""
+    return sorted(p.relative_to(work).as_posix() for p in (work / "results").rglob("*.tmp"))
+
+
+def finish_clean(run: Run, work: Path) -> dict:
+    """Wait for an uninterrupted run; its hashes, job durations per rule and rule order."""
+    rc = run.wait()
+    if rc != 0:
+        raise RuntimeError(f"clean run failed ({rc}):\n{run.output[-6000:]}")
+    durations: dict[str, list[float]] = {}
+    pending: dict[str, list[float]] = {}
+    for t, r in run.started:
+        pending.setdefault(r, []).append(t)
+    for t, r in run.finished:
+        durations.setdefault(r, []).append(t - pending[r].pop(0))
+    return {
+        "seconds": time.monotonic() - run.t0,
+        "hashes": output_hashes(work),
+        "durations": durations,
+        "order": list(dict.fromkeys(r for _, r in run.started)),
+    }
+
+
+def clean_run(code: Path, work: Path) -> dict:
+    """The reference: one uninterrupted run (see :func:`finish_clean`)."""
+    return finish_clean(start(code, work), work)
+
+
+@dataclass
+class Point:
+    rule: str
+    delay: float
+
+
+def draw_points(n: int, seed: int, clean: dict, spread: bool = False) -> list[Point]:
+    """``n`` kill points: a rule the clean run ran (not the no-op ``all``) and a delay from 0 to
+    that rule's longest clean job duration (+0.5 s, to land just after it too).
+
+    Rules are drawn uniformly; with ``spread``, one from each of ``n`` consecutive slices of the
+    pipeline order (early, middle and late stages for n = 3).
+    """
+    rng = random.Random(seed)
+    rules = [r for r in clean["order"] if r != "all"]
+    if spread:
+        cuts = [round(i * len(rules) / n) for i in range(n + 1)]
+        picks = [
+            rng.choice(rules[a:b] or rules[max(a - 1, 0) : a + 1])
+            for a, b in zip(cuts, cuts[1:], strict=False)
+        ]
+    else:
+        picks = [rng.choice(rules) for _ in range(n)]
+    return [
+        Point(rule, round(rng.uniform(0, max(clean["durations"][rule]) + 0.5), 2)) for rule in picks
+    ]
+
+
+def chaos_round(
+    code: Path, work: Path, points: list[Point], clean: dict, rule_timeout: float = 600
+) -> dict:
+    """Drive a fresh workflow folder to completion through ``points`` (in pipeline order)."""
+    order = {r: i for i, r in enumerate(clean["order"])}
+    points = sorted(points, key=lambda p: order[p.rule])
+    report: dict = {"kills": [], "missed": [], "lock_refused": None}
+    args: tuple[str, ...] = ()
+    for pt in points:
+        run = start(code, work, *args)
+        if not run.wait_for_rule(pt.rule, rule_timeout):
+            rc = run.wait()
+            report["missed"].append({"rule": pt.rule, "delay": pt.delay, "rc": rc})
+            if rc != 0:
+                report.update(final_rc=rc, error=run.output[-4000:])
+                return report
+            continue  # finished before this rule started again: no kill, next point
+        time.sleep(pt.delay)
+        running = run.running()
+        if run.proc.poll() is not None:  # it finished during the delay: nothing to kill
+            report["missed"].append({"rule": pt.rule, "delay": pt.delay, "rc": run.wait()})
+            continue
+        run.kill()
+        report["kills"].append(
+            {
+                "rule": pt.rule,
+                "delay": pt.delay,
+                "running": running,
+                "t": round(time.monotonic() - run.t0, 1),
+            }
+        )
+        if len(report["kills"]) == 1:  # the lock is left behind: a plain rerun is refused
+            again = snakemake(code, work)
+            text = again.stdout + again.stderr
+            report["lock_refused"] = again.returncode != 0 and "LockException" in text
+        unlock = snakemake(code, work, "--unlock")
+        if unlock.returncode != 0:
+            report.update(final_rc=unlock.returncode, error=unlock.stderr[-4000:])
+            return report
+        args = ("--rerun-incomplete",)
+    final = start(code, work, *args)
+    report["final_rc"] = final.wait()
+    if report["final_rc"] != 0:
+        report["error"] = final.output[-4000:]
+        return report
+    hashes = output_hashes(work)
+    ref = clean["hashes"]
+    report["differ"] = sorted(k for k in ref if hashes.get(k) != ref[k])
+    report["extra"] = sorted(set(hashes) - set(ref))
+    report["compared"] = len(ref)
+    report["temps"] = leftover_temps(work)
+    dry = snakemake(code, work, "-n")
+    report["dry_run_clean"] = "Nothing to be done" in dry.stdout + dry.stderr
+    return report
+
+
+def round_ok(r: dict) -> bool:
+    return (
+        r.get("final_rc") == 0
+        and not r.get("differ")
+        and not r.get("extra")
+        and not [t for t in r.get("temps", []) if not t.startswith("results/checkpoints/")]
+        and r.get("dry_run_clean", False)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--points", type=int, default=20, help="kill points in all (default 20)")
+    ap.add_argument("--per-round", type=int, default=3, help="kill points per pipeline run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--shards", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    ap.add_argument("--keep", action="store_true", help="keep the workflow folders")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "chaos.json")
+    args = ap.parse_args(argv)
+
+    base = args.workdir or Path(tempfile.mkdtemp(prefix="lorapipe-chaos-"))
+    base.mkdir(parents=True, exist_ok=True)
+    code = copy_workflow(base / "code")
+    data = make_data(base / "data", images=args.images)
+    cfg = config(args.shards)
+    t0 = time.monotonic()
+    print(f"clean run in {base / 'clean'} …", flush=True)
+    clean = clean_run(code, make_workdir(base / "clean", data, cfg))
+    print(f"  {clean['seconds']:.0f} s, {len(clean['hashes'])} outputs compared", flush=True)
+    points = draw_points(args.points, args.seed, clean)
+    rounds = []
+    for k in range(0, len(points), args.per_round):
+        chunk = points[k : k + args.per_round]
+        work = make_workdir(base / f"round{k // args.per_round:02d}", data, cfg)
+        t = time.monotonic()
+        r = chaos_round(code, work, chunk, clean)
+        r.update(seconds=round(time.monotonic() - t, 1), ok=round_ok(r))
+        rounds.append(r)
+        kills = ", ".join(f"{x['rule']}+{x['delay']}s" for x in r["kills"]) or "none"
+        print(
+            f"round {len(rounds)}: kills [{kills}] missed {len(r['missed'])} → "
+            f"{'OK' if r['ok'] else 'FAILED'} ({r['seconds']:.0f} s)",
+            flush=True,
+        )
+        if not r["ok"]:
+            print(json.dumps({k: v for k, v in r.items() if k != "error"}, indent=1))
+            print(r.get("error", ""))
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    summary = {
+        "seed": args.seed,
+        "points": len(points),
+        "kills": sum(len(r["kills"]) for r in rounds),
+        "missed": sum(len(r["missed"]) for r in rounds),
+        "rounds": len(rounds),
+        "recovered": sum(r.get("final_rc") == 0 for r in rounds),
+        "identical": sum(r.get("final_rc") == 0 and not r.get("differ") for r in rounds),
+        "ok": sum(r["ok"] for r in rounds),
+        "lock_refused": sum(bool(r.get("lock_refused")) for r in rounds),
+        "killed_while_running": sorted(
+            {job for r in rounds for x in r["kills"] for job in x["running"]}
+        ),
+        "clean_seconds": round(clean["seconds"], 1),
+        "total_seconds": round(time.monotonic() - t0, 1),
+        "outputs_compared": len(clean["hashes"]),
+        "rounds_detail": [{k: v for k, v in r.items() if k != "error"} for r in rounds],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "rounds_detail"}, indent=1))
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0 if summary["ok"] == summary["rounds"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
