@@ -4,19 +4,25 @@
     python bench/chaos.py --points 6 --per-round 3 --images 12 --shards 3 --keep
 
 First a clean run (the reference); then rounds, each a fresh workflow folder driven to completion
-through ``--per-round`` kills. A kill point is a rule (drawn from those the clean run ran) and a
-delay after one of its jobs starts (drawn from 0 to that job's clean duration, so it lands inside
-the job, or just after it). At each point the whole process group is SIGKILLed (Snakemake and
-every job); recovery is the documented one (README, "When things go wrong"):
+through ``--per-round`` kill points, taken in pipeline order. A kill point is a rule (drawn from
+those the clean run ran) and a delay (from 0 to that rule's longest clean job, +0.5 s): once a job
+of the rule runs, after the delay, the whole process group is SIGKILLed (Snakemake and every
+job). A point whose rule has nothing left to run in that invocation is counted as missed.
+Recovery is the documented one (README, "When things go wrong"):
 
     snakemake --unlock
     snakemake --cores 2 --rerun-incomplete
 
-A round passes when its final invocation exits 0, every compared output has the clean run's
-sha256, no temporary file is left in the stage folders, and a dry run then has nothing to do.
+A round passes when a plain rerun right after its first kill is refused (LockException, or
+IncompleteFilesException when a killed job's outputs are marked incomplete), its last invocation
+exits 0, every compared output has the clean run's sha256, no temporary file is left outside
+results/checkpoints/, and a dry run then has nothing to do.
 Compared: every file under results/ except checkpoints/, cache/scan/ (stamps hold mtimes) and a
-run's mlflow.json, metrics.jsonl and train_summary.json (MLflow run ids, timings). Results go to
-bench/out/chaos.json; the exit status is 1 if any round failed.
+run's mlflow.json, metrics.jsonl and train_summary.json (MLflow run ids, timings); captions jsonl
+without their "source" field (a rebuilt one says "cache" where the first said "template"), and a
+run's safetensors without the lorapipe_mlflow_run_id metadata (a new MLflow store, a new run id);
+files whose raw bytes differ are listed too ("differ_raw"). Results go to bench/out/chaos.json;
+the exit status is 1 if any round failed.
 
 The functions here are also used by tests/integration/test_faults.py.
 """
@@ -31,6 +37,7 @@ import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,7 +55,11 @@ EXCLUDE = (
     re.compile(r"^results/runs/[^/]+/(mlflow\.json|metrics\.jsonl|train_summary\.json)$"),
     re.compile(r"\.damaged$"),
     re.compile(r"\.tmp$"),
+    re.compile(r"^results/[^/]+/captions/\d+\.jsonl\.sha256$"),  # see CAPTIONS
 )
+# A captions jsonl records each caption's source, and a rebuilt one says "cache" where the first
+# said "template": compared without that field (the captions themselves must be identical).
+CAPTIONS = re.compile(r"^results/[^/]+/captions/\d+\.jsonl$")
 JOB_START = re.compile(r"^(?:local)?rule (\S+):$")
 JOB_DONE = re.compile(r"^Finished jobid: (\d+) \(Rule: (\S+)\)")
 
@@ -138,11 +149,13 @@ class Run:
     lines: list[str] = field(default_factory=list)
     started: list[tuple[float, str]] = field(default_factory=list)  # (time, rule)
     finished: list[tuple[float, str]] = field(default_factory=list)
+    planned: dict[str, int] | None = None  # Snakemake's "Job stats" table, once printed
     t0: float = field(default_factory=time.monotonic)
     changed: threading.Condition = field(default_factory=threading.Condition)
     reader: threading.Thread | None = None
 
     def _read(self) -> None:
+        stats: dict[str, int] | None = None
         for line in self.proc.stdout:
             line = line.rstrip("\n")
             now = time.monotonic() - self.t0
@@ -152,6 +165,14 @@ class Run:
                     self.started.append((now, m.group(1)))
                 elif m := JOB_DONE.match(line):
                     self.finished.append((now, m.group(2)))
+                elif line == "Job stats:" and self.planned is None:
+                    stats = {}
+                elif stats is not None:
+                    parts = line.split()
+                    if parts and parts[0] == "total":
+                        self.planned, stats = stats, None
+                    elif len(parts) == 2 and parts[1].isdigit():
+                        stats[parts[0]] = int(parts[1])
                 self.changed.notify_all()
         with self.changed:
             self.changed.notify_all()
@@ -160,23 +181,30 @@ class Run:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def _count(self, rule: str) -> tuple[int, int]:
+        return (sum(r == rule for _, r in self.started), sum(r == rule for _, r in self.finished))
+
     def running(self) -> list[str]:
         """Rules of the jobs started but not finished (by count per rule)."""
-        left: dict[str, int] = {}
-        for _, r in self.started:
-            left[r] = left.get(r, 0) + 1
-        for _, r in self.finished:
-            left[r] -= 1
-        return sorted(r for r, n in left.items() for _ in range(n))
+        rules = {r for _, r in self.started}
+        return sorted(r for r in rules for _ in range(self._count(r)[0] - self._count(r)[1]))
 
     def wait_for_rule(self, rule: str | None, timeout: float) -> bool:
-        """Block until a job of ``rule`` (any job: None) starts (True), or the run ends or the
-        time is out (False)."""
+        """Block until a job of ``rule`` (any job: None) is running (True), or until it cannot
+        be: the rule has no job left to run in this invocation, the run ended, the time is out
+        (False)."""
         end = time.monotonic() + timeout
         with self.changed:
             while True:
-                if any(rule in (r, None) for _, r in self.started):
-                    return True
+                if rule is None:
+                    if self.started:
+                        return True
+                else:
+                    n_started, n_done = self._count(rule)
+                    if n_started > n_done:
+                        return True
+                    if self.planned is not None and n_started >= self.planned.get(rule, 0):
+                        return False  # none planned, or all done already
                 left = end - time.monotonic()
                 if left <= 0 or not self.reader.is_alive():  # timed out, or the run ended
                     return False
@@ -217,13 +245,37 @@ def snakemake(code: Path, work: Path, *args: str) -> subprocess.CompletedProcess
     )
 
 
-def output_hashes(work: Path) -> dict[str, str]:
-    """sha256 of every compared file under ``work/results`` (see EXCLUDE)."""
+def _without_run_id(data: bytes) -> bytes:
+    """A safetensors file without its lorapipe_mlflow_run_id metadata (tensors untouched)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header.get("__metadata__", {}).pop("lorapipe_mlflow_run_id", None)
+    return json.dumps(header, sort_keys=True).encode() + data[8 + n :]
+
+
+def output_hashes(work: Path, raw: bool = False) -> dict[str, str]:
+    """sha256 of every compared file under ``work/results`` (see EXCLUDE).
+
+    Unless ``raw``: captions jsonl without their "source" field (see CAPTIONS), and a run's
+    safetensors without the ``lorapipe_mlflow_run_id`` metadata train.py writes into them (a new
+    MLflow store gives a new run id: the only bytes that differ between clean runs in two
+    folders).
+    """
     out = {}
     for p in sorted((work / "results").rglob("*")):
         rel = p.relative_to(work).as_posix()
-        if p.is_file() and not any(x.search(rel) for x in EXCLUDE):
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        if not p.is_file() or any(x.search(rel) for x in EXCLUDE):
+            continue
+        data = p.read_bytes()
+        if raw:
+            pass
+        elif CAPTIONS.search(rel):
+            rows = [json.loads(x) for x in data.splitlines() if x.strip()]
+            data = json.dumps([{k: v for k, v in r.items() if k != "source"} for r in rows],
+                              sort_keys=True).encode()
+        elif rel.startswith("results/runs/") and rel.endswith(".safetensors"):
+            data = _without_run_id(data)
+        out[rel] = hashlib.sha256(data).hexdigest()
     return out
 
 
@@ -246,6 +298,7 @@ def finish_clean(run: Run, work: Path) -> dict:
     return {
         "seconds": time.monotonic() - run.t0,
         "hashes": output_hashes(work),
+        "raw_hashes": output_hashes(work, raw=True),
         "durations": durations,
         "order": list(dict.fromkeys(r for _, r in run.started)),
     }
@@ -262,15 +315,17 @@ class Point:
     delay: float
 
 
-def draw_points(n: int, seed: int, clean: dict, spread: bool = False) -> list[Point]:
+def draw_points(
+    n: int, seed: int, clean: dict, spread: bool = False, exclude: tuple[str, ...] = ()
+) -> list[Point]:
     """``n`` kill points: a rule the clean run ran (not the no-op ``all``) and a delay from 0 to
     that rule's longest clean job duration (+0.5 s, to land just after it too).
 
-    Rules are drawn uniformly; with ``spread``, one from each of ``n`` consecutive slices of the
-    pipeline order (early, middle and late stages for n = 3).
+    Rules (less ``exclude``) are drawn uniformly; with ``spread``, one from each of ``n``
+    consecutive slices of the pipeline order (early, middle and late stages for n = 3).
     """
     rng = random.Random(seed)
-    rules = [r for r in clean["order"] if r != "all"]
+    rules = [r for r in clean["order"] if r != "all" and r not in exclude]
     if spread:
         cuts = [round(i * len(rules) / n) for i in range(n + 1)]
         picks = [
@@ -290,48 +345,39 @@ def chaos_round(
     """Drive a fresh workflow folder to completion through ``points`` (in pipeline order)."""
     order = {r: i for i, r in enumerate(clean["order"])}
     points = sorted(points, key=lambda p: order[p.rule])
-    report: dict = {"kills": [], "missed": [], "lock_refused": None}
-    args: tuple[str, ...] = ()
+    report: dict = {"kills": [], "missed": [], "refused_with": None}
+    run = start(code, work)
     for pt in points:
-        run = start(code, work, *args)
-        if not run.wait_for_rule(pt.rule, rule_timeout):
-            rc = run.wait()
-            report["missed"].append({"rule": pt.rule, "delay": pt.delay, "rc": rc})
-            if rc != 0:
-                report.update(final_rc=rc, error=run.output[-4000:])
-                return report
-            continue  # finished before this rule started again: no kill, next point
+        if not run.wait_for_rule(pt.rule, rule_timeout):  # nothing of it left to run: skip
+            report["missed"].append({"rule": pt.rule, "delay": pt.delay})
+            continue
         time.sleep(pt.delay)
         running = run.running()
         if run.proc.poll() is not None:  # it finished during the delay: nothing to kill
-            report["missed"].append({"rule": pt.rule, "delay": pt.delay, "rc": run.wait()})
+            report["missed"].append({"rule": pt.rule, "delay": pt.delay})
             continue
         run.kill()
-        report["kills"].append(
-            {
-                "rule": pt.rule,
-                "delay": pt.delay,
-                "running": running,
-                "t": round(time.monotonic() - run.t0, 1),
-            }
-        )
-        if len(report["kills"]) == 1:  # the lock is left behind: a plain rerun is refused
+        t = round(time.monotonic() - run.t0, 1)
+        report["kills"].append({"rule": pt.rule, "delay": pt.delay, "running": running, "t": t})
+        if len(report["kills"]) == 1:  # a plain rerun is refused (the lock, incomplete files)
             again = snakemake(code, work)
             text = again.stdout + again.stderr
-            report["lock_refused"] = again.returncode != 0 and "LockException" in text
+            found = re.findall(r"(LockException|IncompleteFilesException)", text)
+            report["refused_with"] = found[0] if again.returncode != 0 and found else None
         unlock = snakemake(code, work, "--unlock")
         if unlock.returncode != 0:
             report.update(final_rc=unlock.returncode, error=unlock.stderr[-4000:])
             return report
-        args = ("--rerun-incomplete",)
-    final = start(code, work, *args)
-    report["final_rc"] = final.wait()
+        run = start(code, work, "--rerun-incomplete")
+    report["final_rc"] = run.wait()
     if report["final_rc"] != 0:
-        report["error"] = final.output[-4000:]
+        report["error"] = run.output[-4000:]
         return report
     hashes = output_hashes(work)
     ref = clean["hashes"]
     report["differ"] = sorted(k for k in ref if hashes.get(k) != ref[k])
+    raw, ref_raw = output_hashes(work, raw=True), clean.get("raw_hashes", {})
+    report["differ_raw"] = sorted(k for k in ref_raw if raw.get(k) != ref_raw[k])
     report["extra"] = sorted(set(hashes) - set(ref))
     report["compared"] = len(ref)
     report["temps"] = leftover_temps(work)
@@ -342,7 +388,8 @@ def chaos_round(
 
 def round_ok(r: dict) -> bool:
     return (
-        r.get("final_rc") == 0
+        (r.get("refused_with") is not None or not r.get("kills"))
+        and r.get("final_rc") == 0
         and not r.get("differ")
         and not r.get("extra")
         and not [t for t in r.get("temps", []) if not t.startswith("results/checkpoints/")]
@@ -400,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "recovered": sum(r.get("final_rc") == 0 for r in rounds),
         "identical": sum(r.get("final_rc") == 0 and not r.get("differ") for r in rounds),
         "ok": sum(r["ok"] for r in rounds),
-        "lock_refused": sum(bool(r.get("lock_refused")) for r in rounds),
+        "refused_after_kill": sum(bool(r.get("refused_with")) for r in rounds),
         "killed_while_running": sorted(
             {job for r in rounds for x in r["kills"] for job in x["running"]}
         ),
