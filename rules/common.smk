@@ -121,7 +121,13 @@ def model_files(model, parts):
     """Files of a base model a rule reads (so a changed model restales exactly its users)."""
     path = Path(MODELS[model]["path"])
     if path.suffix == ".safetensors":
-        return [str(path)]
+        # The weights, plus the config folder that describes them (its weights are not read).
+        conf = Path(MODELS[model]["original_config"])
+        return [str(path)] + sorted(
+            str(p)
+            for p in conf.rglob("*")
+            if p.is_file() and p.suffix not in (".safetensors", ".bin", ".ckpt")
+        )
     out = (
         ["model_index.json"]
         if "tiny" in MODELS[model] or (path / "model_index.json").exists()

@@ -192,6 +192,14 @@ def check_paths(config: Mapping[str, Any], workdir: str | os.PathLike = ".") -> 
             raise ConfigError(
                 f"base_models.{name}.path: {p}: expected a diffusers folder or a .safetensors file"
             )
+        else:
+            from .models import check_config_folder  # stdlib-only at import time
+
+            oc = bm.get("original_config")
+            try:
+                check_config_folder(p, root / oc if oc else None)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"base_models.{name}.original_config: {e}") from None
 
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
