@@ -59,14 +59,6 @@ def shard_files(paths: Iterable[str], shards: int, shard: int) -> list[str]:
     return [p for p in paths if shard_of(p, shards) == shard]
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def scan_image(root: Path, rel: str, settings: ScanSettings) -> dict:
     """Hash, decode and check one image; returns its manifest record (status ok or rejected)."""
     data = (root / rel).read_bytes()
