@@ -249,6 +249,11 @@ def get_model_path(wildcards):
     return MODELS[wildcards.model]["path"]
 
 
+def get_original_config(wildcards):
+    """For a single-file base model: the local diffusers folder that describes it."""
+    return MODELS[wildcards.model].get("original_config")
+
+
 def get_run_model_path(wildcards):
     return MODELS[RUNS[wildcards.run].base_model]["path"]
 

@@ -23,6 +23,7 @@ rule encode:
         mem_mb=4000,
     params:
         model_path=get_model_path,
+        original_config=get_original_config,
         dtype="float32",
         batch_size=8,
         code=code_version("latents", "models", "shards", "io"),

@@ -7,6 +7,7 @@ from lorapipe.sampling import render_samples
 log = setup(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 run, _ = read_run_config(snakemake.input.config)
-size = read_run_config(snakemake.input.config, context=True)["dataset"]["resolution"]
+doc = read_run_config(snakemake.input.config, context=True)
 render_samples(snakemake.params.model_path, snakemake.input.lora.rsplit("/", 1)[0],
-               list(run.validation_prompts), snakemake.output[0], run.validation_steps, size, run.seed)
+               list(run.validation_prompts), snakemake.output[0], run.validation_steps,
+               doc["dataset"]["resolution"], run.seed, doc["base_model"].get("original_config"))

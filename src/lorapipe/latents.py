@@ -36,6 +36,7 @@ def encode_shard(
     batch_size: int = 8,
     dtype: str = "float32",
     checksum: bool = False,
+    original_config: str | None = None,
 ) -> int:
     """Encode one image shard into a latent shard; returns the number of samples.
 
@@ -55,7 +56,7 @@ def encode_shard(
     verify_file(shard_tar)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     store_dtype = getattr(torch, dtype)
-    parts = load_parts(model_path, ("vae", "text_encoder", "tokenizer"))
+    parts = load_parts(model_path, ("vae", "text_encoder", "tokenizer"), original_config)
     vae, te, tok = parts["vae"].to(device).eval(), parts["text_encoder"].to(device).eval(), parts[
         "tokenizer"
     ]

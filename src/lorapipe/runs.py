@@ -144,6 +144,7 @@ def train_run(
     return train(
         run, latents, model_path, out_dir, checkpoints, fingerprint,
         tracker=tracker, export_meta=file_metadata(doc),
+        original_config=doc["base_model"].get("original_config"),
     )  # fmt: skip
 
 

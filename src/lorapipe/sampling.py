@@ -16,22 +16,19 @@ def render_samples(
     steps: int = 20,
     size: int = 512,
     seed: int = 0,
+    original_config: str | None = None,
 ) -> None:
-    """A grid PNG: one column per prompt, top row base model, bottom row base + LoRA."""
+    """A grid PNG: one column per prompt, top row base model, bottom row base + LoRA.
+
+    ``original_config``: for a single-file checkpoint, the local diffusers folder describing it.
+    """
     import torch
-    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from .models import check_model_path
+    from .models import load_pipeline
 
     prompts = prompts or ["a photo"]
-    p = check_model_path(model_path)
-    if p.is_file():
-        pipe = StableDiffusionPipeline.from_single_file(str(p), local_files_only=True)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(p), local_files_only=True, safety_checker=None
-        )
+    pipe = load_pipeline(model_path, original_config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device).set_progress_bar_config(disable=True)
 

@@ -124,6 +124,7 @@ def train(
     stop_after: int | None = None,
     tracker=None,
     export_meta: dict[str, str] | None = None,
+    original_config: str | None = None,
 ) -> dict:
     """Train one LoRA; resume from ``ckpt_dir`` when it holds a checkpoint of this fingerprint.
 
@@ -139,6 +140,7 @@ def train(
             the summary. The run ends FINISHED, FAILED on an error, KILLED when stopped early.
         export_meta: string metadata for every exported file (`runs.file_metadata`): the kohya
             files of checkpoints get all of it, diffusers files the ``lorapipe_*`` fields.
+        original_config: for a single-file base model, the local diffusers folder describing it.
 
     Returns:
         Summary: steps, epochs, final loss, timings, samples, MLflow run id.
@@ -146,7 +148,7 @@ def train(
     try:
         summary = _train(
             run, latent_shards, model_path, out_dir, ckpt_dir, fingerprint, stop_after,
-            tracker, dict(export_meta or {}),
+            tracker, dict(export_meta or {}), original_config,
         )  # fmt: skip
     except BaseException as e:
         if tracker is not None:
@@ -158,7 +160,8 @@ def train(
 
 
 def _train(
-    run, latent_shards, model_path, out_dir, ckpt_dir, fingerprint, stop_after, tracker, export_meta
+    run, latent_shards, model_path, out_dir, ckpt_dir, fingerprint, stop_after, tracker,
+    export_meta, original_config=None,
 ) -> dict:
     import torch
     from diffusers.optimization import get_scheduler
@@ -183,7 +186,9 @@ def _train(
         raise ValueError(f"run {run.name}: no training samples in {len(latent_shards)} shard(s)")
     plan = make_plan(samples, run)
 
-    parts = load_parts(model_path, ("unet", "scheduler", "vae", "text_encoder", "tokenizer"))
+    parts = load_parts(
+        model_path, ("unet", "scheduler", "vae", "text_encoder", "tokenizer"), original_config
+    )
     unet, noise_sched = parts["unet"], parts["scheduler"]
     scaling = vae_scaling_factor(parts["vae"])
     with torch.inference_mode():
