@@ -16,7 +16,7 @@ from lorapipe import config as lpconfig
 from lorapipe.demo import demo_files
 from lorapipe.fingerprint import code_version, versions
 from lorapipe.images import IMAGE_EXTENSIONS, pil_identity
-from lorapipe.manifest import list_images, shard_files
+from lorapipe.manifest import list_images, shard_of
 
 try:
     lpconfig.load_config(config)
@@ -71,8 +71,18 @@ def dataset_images(dataset):
     return _listing[dataset]
 
 
+_by_shard = {}
+
+
 def shard_relpaths(dataset, shard):
-    return shard_files(dataset_images(dataset), DATASETS[dataset]["shards"], int(shard))
+    """Images of one shard; all shards are assigned in one pass (not one pass per shard)."""
+    if dataset not in _by_shard:
+        n = DATASETS[dataset]["shards"]
+        groups = {i: [] for i in range(n)}
+        for p in dataset_images(dataset):
+            groups[shard_of(p, n)].append(p)
+        _by_shard[dataset] = groups
+    return _by_shard[dataset][int(shard)]
 
 
 def get_shard_images(wildcards):
