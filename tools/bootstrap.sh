@@ -33,6 +33,12 @@ if [ "$PILLOW_SIMD" = "1" ]; then
   simd_ver=$("$VENV/bin/python" -c "from importlib.metadata import version; print(version('pillow-simd'))" 2>/dev/null || true)
   pil_ver=$("$VENV/bin/python" -c "import PIL; print(PIL.__version__)" 2>/dev/null || true)
   if [ -z "$simd_ver" ] || [ "$simd_ver" != "$pil_ver" ]; then
+    # WebP support needs libwebp headers at build time; get them when we can (root + apt).
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libwebp-dev >/dev/null 2>&1; then
+      (apt-get install -y -q libwebp-dev >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libwebp-dev >/dev/null 2>&1; }) \
+        || echo "note: libwebp-dev not installed; pillow-simd will build without WebP" >&2
+    fi
     pip uninstall -y pillow pillow-simd >/dev/null 2>&1 || true
     if ! CC="cc -mavx2" pip install --no-cache-dir --no-deps --no-binary pillow-simd \
         "pillow-simd==12.1.1.post0" >/dev/null 2>&1; then
