@@ -12,8 +12,9 @@ the tiny-sd base model, one run). Then, against the real Snakefile:
 4. one image added: which jobs a dry run plans (expect 1 manifest + merge, not 64);
 5. per-job start-up: ``python -c "import lorapipe.manifest"`` vs ``"import torch, diffusers"``
    (and a bare interpreter, and the import a ``script:`` job's preamble does);
-6. the cost inside the DAG build of assigning images to shards (rules/common.smk's
-   shard_relpaths hashes every path of the dataset for each shard and each call) vs one pass.
+6. the cost of assigning images to shards with one pass over the dataset per shard (what
+   rules/common.smk's shard_relpaths did, five times per shard, before commit 06ff572) vs one
+   pass for all shards (what it does since).
 
     python bench/bench_dag.py [--images 10000] [--shards 64] [--repeats 3] [--keep]
 """
@@ -153,8 +154,8 @@ def import_times(repeats: int) -> dict[str, float]:
 
 
 def assignment_cost(rels: list[str], shards: int) -> dict[str, float]:
-    """Seconds to find every shard's files the way common.smk does (one full pass per shard)
-    vs one pass over the dataset; common.smk does the former several times per shard."""
+    """Seconds to find every shard's files with one full pass per shard (common.smk before
+    06ff572, five times per shard) vs one pass over the dataset (common.smk since)."""
     sys.path.insert(0, str(REPO / "src"))
     from lorapipe.manifest import shard_files, shard_of
 
