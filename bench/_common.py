@@ -87,8 +87,12 @@ def table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
 
 
 def write_result(name: str, result: dict) -> Path:
-    """Write ``bench/out/<name>.json`` (with the command line and machine info) and say where."""
-    path = out_dir() / f"{name}.json"
+    """Write ``bench/out/<name>.json`` (with the command line and machine info) and say where.
+
+    ``BENCH_SUFFIX`` in the environment is appended to the name (run_all --quick sets ``_quick``,
+    so a smoke test does not overwrite the figures of a full run).
+    """
+    path = out_dir() / f"{name}{os.environ.get('BENCH_SUFFIX', '')}.json"
     payload = {
         "benchmark": name,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -2,7 +2,7 @@
 
 A seeded dataset of ``--images`` pictures around 512 px (lorapipe.demo's renderer plus +-2 noise,
 which compresses about like a photo: PNG ~57 %, JPEG ~26 % of the raw size; half JPEG q90, half PNG,
-five sizes/aspects) is generated once into bench/out/shards/data. Then, each
+five sizes/aspects) is generated once into bench/out/shards/data-N. Then, each
 ``--repeats`` times (median reported):
 
 - ``lorapipe.manifest.scan_shard`` with no cache (sha256 + full decode of every file), then again
@@ -110,7 +110,7 @@ def main() -> None:
     scan_kw = {"checksum": True} if "checksum" in signature(scan_shard).parameters else {}
     write_kw = {"checksum": True} if "checksum" in signature(write_shard).parameters else {}
     work = out_dir() / "shards"
-    root = work / "data"
+    root = work / f"data-{args.images}"  # one cached dataset per size
     t0 = time.perf_counter()
     rels = make_dataset(root, args.images)
     gen_s = time.perf_counter() - t0
@@ -137,13 +137,12 @@ def main() -> None:
         counts["cached"] = scan_shard(root, rels, scan, manifest, cache, **scan_kw)
         times["scan_cached"].append(time.perf_counter() - t)
 
-        if not captions.exists():
-            captions.write_text(
-                "".join(
-                    json.dumps({"path": r["path"], "caption": f"a picture number {i}"}) + "\n"
-                    for i, r in enumerate(read_jsonl(manifest))
-                )
+        captions.write_text(  # rewritten each time: it must match this dataset
+            "".join(
+                json.dumps({"path": r["path"], "caption": f"a picture number {i}"}) + "\n"
+                for i, r in enumerate(read_jsonl(manifest))
             )
+        )
         settings = ShardSettings(RESOLUTION, BUCKET_STEP, True, MAX_PIXELS, BACKGROUND)
         t = time.perf_counter()
         written = write_shard(root, manifest, captions, settings, tar, index, **write_kw)

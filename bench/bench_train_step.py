@@ -355,8 +355,10 @@ def main() -> None:
             print(f"bf16 autocast vs fp32 (b{batch} {mode}): x{a['step_s'] / b['step_s']:.2f}")
     if not compiled:
         print("torch.compile: not measured (opt in with --compile; minutes on a small CPU)")
+    # default CPU run: bench_train_step.json; CPU with --compile: bench_train_step_compile.json
+    name = "bench_train_step" + ("_cuda" if cuda else "_compile" if compiled else "")
     write_result(
-        "bench_train_step",
+        name,
         {
             "device": device,
             "latent": latent,

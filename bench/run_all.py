@@ -2,7 +2,8 @@
 
     python bench/run_all.py [--only resize,shards] [--quick]
 
-``--quick`` passes smaller sizes (for a smoke test: a few minutes in all). Extra options of a
+``--quick`` passes smaller sizes (a smoke test: ~3 min here) and writes its results as
+bench/out/<name>_quick.json, leaving a full run's files alone. Extra options of a
 single benchmark: run it directly (``python bench/bench_train_step.py --compile``). A failing
 benchmark is reported and the others still run; the exit status is 1 if any failed.
 """
@@ -10,6 +11,7 @@ benchmark is reported and the others still run; the exit status is 1 if any fail
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -46,11 +48,12 @@ def main() -> None:
         ]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
-        rc = subprocess.run(cmd).returncode
+        env = {**os.environ, "BENCH_SUFFIX": "_quick"} if args.quick else None
+        rc = subprocess.run(cmd, env=env).returncode
         rows.append({"benchmark": name, "exit": rc, "wall s": time.perf_counter() - t})
     print("\n=== summary")
     print(table(rows))
-    write_result("run_all", {"quick": args.quick, "runs": rows})
+    write_result("run_all_quick" if args.quick else "run_all", {"quick": args.quick, "runs": rows})
     sys.exit(1 if any(r["exit"] for r in rows) else 0)
 
 
