@@ -48,12 +48,20 @@ def load_average() -> list[float] | None:
         return None
 
 
+LOAD_AT_START = load_average()
+
+
 def machine() -> dict:
-    """What the figures were measured on (timings here are noisy: shared CPUs)."""
+    """What the figures were measured on (timings here are noisy: shared CPUs).
+
+    The 1-minute load average at start and at the end shows whether other processes competed:
+    above the CPU count, torch steps here ran up to 9x slower than on a quiet machine.
+    """
     info = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "load_average_at_start": LOAD_AT_START,
         "load_average": load_average(),
     }
     try:
