@@ -271,8 +271,9 @@ def output_hashes(work: Path, raw: bool = False) -> dict[str, str]:
             pass
         elif CAPTIONS.search(rel):
             rows = [json.loads(x) for x in data.splitlines() if x.strip()]
-            data = json.dumps([{k: v for k, v in r.items() if k != "source"} for r in rows],
-                              sort_keys=True).encode()
+            data = json.dumps(
+                [{k: v for k, v in r.items() if k != "source"} for r in rows], sort_keys=True
+            ).encode()
         elif rel.startswith("results/runs/") and rel.endswith(".safetensors"):
             data = _without_run_id(data)
         out[rel] = hashlib.sha256(data).hexdigest()
