@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The file-hash cache (lorapipe.fingerprint.cached_sha256) of this test session, not the user's.
+os.environ.setdefault("LORAPIPE_CACHE", tempfile.mkdtemp(prefix="lorapipe-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

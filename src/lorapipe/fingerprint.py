@@ -52,6 +52,60 @@ def file_digest(paths) -> str:
     return h.hexdigest()
 
 
+def _hash_cache_dir() -> Path:
+    root = os.environ.get("LORAPIPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lorapipe"
+    )
+    return Path(root) / "sha256"
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's content, remembered by (absolute path, size, mtime_ns, inode).
+
+    Base models are gigabytes and every encode job fingerprints the VAE it uses: hashing a 4 GB
+    single-file checkpoint once per shard would cost more than encoding. Entries live in
+    ``$LORAPIPE_CACHE/sha256/`` (default ``~/.cache/lorapipe``), one small file each, written
+    atomically, so concurrent jobs never corrupt them; a missing or unreadable cache only costs
+    a re-hash.
+    """
+    from .io import atomic_write_text, sha256_file
+
+    st = os.stat(path)
+    ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+    entry = _hash_cache_dir() / hashlib.sha256(ident.encode()).hexdigest()
+    try:
+        value = entry.read_text().strip()
+        if len(value) == 64:
+            return value
+    except OSError:
+        pass
+    value = sha256_file(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(entry, value + "\n")
+    except OSError:  # a read-only home must not stop a run
+        pass
+    return value
+
+
+def tree_digest(path: str | os.PathLike, part: str | None = None) -> str:
+    """sha256 over a model's (or one component folder's) files: relative names and contents.
+
+    ``path`` is a single file (a single-file checkpoint: ``part`` is ignored, the file is the
+    whole model) or a folder. File contents come from `cached_sha256`, so a re-run reads nothing.
+    """
+    p = Path(path)
+    if p.is_file():
+        files, root = [p], p.parent
+    else:
+        base = p / part if part else p
+        files, root = sorted(f for f in base.rglob("*") if f.is_file()), p
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + cached_sha256(f).encode())
+    return h.hexdigest()
+
+
 def git_state(repo: str | os.PathLike) -> dict[str, str | bool]:
     """The commit of the workflow checkout and whether it has uncommitted changes."""
     try:

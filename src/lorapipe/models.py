@@ -6,10 +6,11 @@ hub id and failing with a confusing LocalEntryNotFoundError.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
+
+from .fingerprint import tree_digest
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -165,20 +166,8 @@ def load_pipeline(path: str | os.PathLike, original_config: str | None = None):
 
 
 def part_fingerprint(path: str | os.PathLike, part: str | None = None) -> str:
-    """sha256 over a model's (or one component's) files: names, sizes and contents."""
-    p = Path(path)
-    if p.is_file():
-        files = [p]
-    else:
-        base = p / part if part else p
-        files = sorted(f for f in base.rglob("*") if f.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(p.parent if p.is_file() else p).as_posix().encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+    """sha256 over a model's (or one component's) files; see `fingerprint.tree_digest`."""
+    return tree_digest(path, part)
 
 
 def vae_scaling_factor(vae) -> float:

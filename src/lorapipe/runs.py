@@ -15,14 +15,8 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig
-from .fingerprint import REPO_ROOT_GUESS, digest, file_digest, git_state
+from .fingerprint import REPO_ROOT_GUESS, digest, file_digest, git_state, tree_digest
 from .io import atomic_write_text
-
-
-def model_digest(path: str | os.PathLike) -> str:
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    return file_digest(files)
 
 
 def write_run_config(
@@ -32,7 +26,7 @@ def write_run_config(
     fps = {
         "config": digest({"run": run, **{k: v for k, v in context.items() if k != "libraries"}}),
         "dataset_manifest": file_digest([manifest]),
-        "base_model": model_digest(model_path),
+        "base_model": tree_digest(model_path),
         "code": code,
         "libraries": digest(context["libraries"]),
     }
