@@ -235,6 +235,14 @@ def get_caption_settings(wildcards):
     }
 
 
+def get_variant_settings(wildcards):
+    ds = DATASETS[wildcards.dataset]
+    return {
+        k: ds[k]
+        for k in ("caption_variants", "shuffle_captions", "keep_tokens", "tag_dropout")
+    }
+
+
 def get_shard_settings(wildcards):
     ds = DATASETS[wildcards.dataset]
     return {

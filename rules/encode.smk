@@ -26,7 +26,8 @@ rule encode:
         original_config=get_original_config,
         dtype="float32",
         batch_size=8,
-        code=code_version("latents", "models", "shards", "io"),
+        variants=get_variant_settings,
+        code=code_version("latents", "captions", "models", "shards", "io"),
         libs=LIBS_TORCH,
         integrity=integrity_param(
             "results/{dataset}/latents/{model}-{res}/{shard}.tar", workflow

@@ -1,5 +1,6 @@
 import torch
 
+from lorapipe.captions import VariantSettings
 from lorapipe.latents import encode_shard
 from lorapipe.logs import setup
 
@@ -7,4 +8,5 @@ log = setup(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 p = snakemake.params
 encode_shard(snakemake.input.tar, p.model_path, snakemake.output.tar, p.batch_size, p.dtype,
-             checksum=True, original_config=p.original_config)
+             checksum=True, original_config=p.original_config,
+             variants=VariantSettings(**p.variants))

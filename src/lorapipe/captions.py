@@ -10,6 +10,11 @@ Sources, in order of precedence:
    sidecar.
 The cache is written only by the captioner; edits are never written anywhere but where the person
 put them.
+
+Caption variants (kohya's ``shuffle_caption`` / ``keep_tokens`` / ``caption_tag_dropout_rate``,
+made ahead of time for the text-encoder cache): :func:`caption_variant` turns a comma-separated
+tag caption into variant ``i`` of a sample, reproducibly from (sample key, i) alone.
+:func:`merge_captions` builds the one-file review export (``captions_review.csv``).
 """
 
 from __future__ import annotations
@@ -195,6 +200,76 @@ def caption_shard(
     if n and counts["empty"] > n / 2:
         log.warning("%d of %d captions are empty: check sidecar names (.txt)", counts["empty"], n)
     return counts
+
+
+@dataclass(frozen=True)
+class VariantSettings:
+    """How the text-encoder cache makes caption variants (dataset keys of the same names)."""
+
+    caption_variants: int = 0  # 0 = only the caption as written
+    shuffle_captions: bool = False
+    keep_tokens: int = 1
+    tag_dropout: float = 0.0
+
+
+def _unit(*parts: object) -> int:
+    """A 64-bit number from a hash of ``parts``: the same on every machine and Python version."""
+    blob = "\0".join(str(p) for p in parts).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
+
+
+def caption_variant(caption: str, key: str, index: int, settings: VariantSettings) -> str:
+    """Variant ``index`` of a sample's caption, made from its comma-separated tags.
+
+    The first ``keep_tokens`` tags stay in place; the rest are dropped (``tag_dropout``) and
+    shuffled (``shuffle_captions``).
+
+    Every draw comes from a hash of (key, index, tag position), so a variant's text is the same
+    on every machine and run. A caption with no tag left after ``keep_tokens`` is returned as is.
+    """
+    tags = [t.strip() for t in caption.split(",")]
+    tags = [t for t in tags if t]
+    keep, rest = tags[: settings.keep_tokens], tags[settings.keep_tokens :]
+    if not rest:
+        return caption
+    if settings.tag_dropout > 0:
+        rest = [
+            t for i, t in enumerate(rest)
+            if _unit(key, index, i, "drop") / 2**64 >= settings.tag_dropout
+        ]
+    if settings.shuffle_captions:
+        order = sorted(range(len(rest)), key=lambda i: (_unit(key, index, i, "order"), i))
+        rest = [rest[i] for i in order]
+    return ", ".join(keep + rest)
+
+
+REVIEW_COLUMNS = ("path", "caption", "source")
+
+
+def merge_captions(shard_jsonls: list[str], out_csv: str | os.PathLike) -> Counter:
+    """Write every caption of a dataset into one editable CSV (``path,caption,source``), by path.
+
+    Each shard file is checked against its checksum sidecar first, when it has one. The file
+    opens in a spreadsheet or an editor; copied to ``<dataset>/captions.csv``, its captions become
+    a person's edits (the ``source`` column is ignored there).
+
+    Returns:
+        Counts per source.
+    """
+    import io
+
+    rows = []
+    for p in shard_jsonls:
+        verify_file(p)
+        rows += read_jsonl(p)
+    rows.sort(key=lambda r: r["path"])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(REVIEW_COLUMNS)
+    for r in rows:
+        writer.writerow([r["path"], r["caption"], r["source"]])
+    atomic_write_text(out_csv, buf.getvalue())
+    return Counter(r["source"] for r in rows)
 
 
 def blip_captions(paths: list[Path], model_path: str | None, batch_size: int = 8) -> list[str]:

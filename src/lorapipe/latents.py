@@ -1,10 +1,26 @@
 """Precompute, per shard, the VAE latent distribution and the text-encoder output of each caption.
 
-Stored per sample as ``<key>.latents.safetensors`` holding ``mean`` and ``logvar`` (so training
-draws a fresh latent sample every step instead of re-using one frozen sample) and ``text`` (the
-last hidden state for the caption), next to ``<key>.json`` with the sample's metadata. In the
-workflow each latent tar has a checksum sidecar ``<shard>.tar.sha256``; training verifies it and
-decodes every sample before the first step, so a damaged shard is refused, never trained on.
+Layout of a latent shard (a WebDataset tar, members in this order):
+
+* ``__empty__.empty.safetensors``: ``text`` (L, D), the text-encoder output of the empty prompt
+  (tokenised as training does: padded to the tokenizer's max length), once per shard. Training
+  uses it for caption dropout instead of loading the text encoder.
+* per sample, sorted by key, ``<key>.latents.safetensors`` holding ``mean`` and ``logvar``
+  (C, H, W) (so training draws a fresh latent sample every step instead of re-using one frozen
+  sample), ``text`` (L, D) (the caption as written) and, when the dataset asks for caption variants,
+  ``text_variants`` (V, L, D): variant ``k`` is the encoding of
+  ``captions.caption_variant(caption, key, k, settings)`` (tags shuffled/dropped, reproducibly);
+  next to ``<key>.json`` with the sample's metadata (plus ``caption_variants``, the V texts).
+
+Tensors are stored in the cache's dtype (``float32`` or ``bfloat16``; part of the cache folder
+name). In the workflow each latent tar has a checksum sidecar ``<shard>.tar.sha256``; training
+verifies it and decodes every sample before the first step, so a damaged shard is refused, never
+trained on.
+
+Reading: ``load_latent_cache(paths) -> (samples, empty_text or None)``;
+``load_latent_shards(paths)`` returns the samples only. A training step that wants a variant
+picks ``text_variants[k]`` with ``k`` drawn from the sample's own generator (``text`` when the
+sample has no ``text_variants``), and ``empty_text`` for caption dropout.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ import logging
 import os
 from collections import defaultdict
 
+from .captions import VariantSettings, caption_variant
 from .io import (
     CorruptFileError,
     atomic_paths,
@@ -29,6 +46,10 @@ from .io import (
 log = logging.getLogger(__name__)
 
 
+EMPTY_KEY = "__empty__"
+DTYPES = ("float32", "bfloat16")
+
+
 def encode_shard(
     shard_tar: str | os.PathLike,
     model_path: str | os.PathLike,
@@ -37,11 +58,13 @@ def encode_shard(
     dtype: str = "float32",
     checksum: bool = False,
     original_config: str | None = None,
+    variants: VariantSettings | None = None,
 ) -> int:
     """Encode one image shard into a latent shard; returns the number of samples.
 
     The image shard is checked against its checksum sidecar first, when it has one; ``checksum``
-    also writes ``<out_tar>.sha256``, committed after the tar.
+    also writes ``<out_tar>.sha256``, committed after the tar. ``dtype`` (float32 or bfloat16)
+    is the stored dtype; the encoders run in float32. ``variants`` adds ``text_variants``.
     """
     import numpy as np
     import torch
@@ -51,6 +74,13 @@ def encode_shard(
     from .models import load_parts, part_fingerprint
     from .shards import read_samples
 
+    if dtype not in DTYPES:
+        raise ValueError(f"latent dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    variants = variants or VariantSettings()
+    n_var = variants.caption_variants
+    if n_var and not (variants.shuffle_captions or variants.tag_dropout):
+        log.warning("caption_variants=%d without shuffle_captions or tag_dropout: "
+                    "every variant is the caption as written", n_var)
     outs = [out_tar] + ([checksum_path(out_tar)] if checksum else [])
     remove_stale_temps(*outs)
     verify_file(shard_tar)
@@ -62,12 +92,25 @@ def encode_shard(
     ]
     vae_id = part_fingerprint(model_path, "vae")[:16]
     te_id = part_fingerprint(model_path, "text_encoder")[:16]
+
+    def encode_text(prompts: list[str]):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(device)
+        return te(ids)[0]
+
+    def stored(t):
+        return t.to(store_dtype).contiguous().cpu()
+
     samples = list(read_samples(shard_tar))
     by_size: dict[tuple, list] = defaultdict(list)
     for s in samples:
         by_size[tuple(s[2]["size"])].append(s)
     encoded: dict[str, tuple[dict, bytes]] = {}
     with torch.inference_mode():
+        # the empty prompt exactly as training tokenises it (alone, padded, no truncation flag)
+        empty = tok([""], padding="max_length", max_length=tok.model_max_length,
+                    return_tensors="pt").input_ids.to(device)
+        empty_blob = canonical_safetensors(save({"text": stored(te(empty)[0][0])}))
         for size in sorted(by_size):
             group = by_size[size]
             for i in range(0, len(group), batch_size):
@@ -75,27 +118,33 @@ def encode_shard(
                 pixels = np.stack([np.asarray(img, dtype=np.float32) for _, img, _ in chunk])
                 x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device) / 127.5 - 1.0
                 dist = vae.encode(x).latent_dist
-                ids = tok(
-                    [m["caption"] for _, _, m in chunk],
-                    padding="max_length",
-                    max_length=tok.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(device)
-                text = te(ids)[0]
+                text = encode_text([m["caption"] for _, _, m in chunk])
+                var_texts = [
+                    [caption_variant(m["caption"], key, k, variants) for k in range(n_var)]
+                    for key, _, m in chunk
+                ]
+                if n_var:
+                    flat = [t for texts in var_texts for t in texts]
+                    var = torch.cat([encode_text(flat[b : b + batch_size * n_var])
+                                     for b in range(0, len(flat), batch_size * n_var)])
+                    var = var.reshape(len(chunk), n_var, *var.shape[1:])
                 for j, (key, _, meta) in enumerate(chunk):
                     tensors = {
-                        "mean": dist.mean[j].to(store_dtype).contiguous().cpu(),
-                        "logvar": dist.logvar[j].to(store_dtype).contiguous().cpu(),
-                        "text": text[j].to(store_dtype).contiguous().cpu(),
+                        "mean": stored(dist.mean[j]),
+                        "logvar": stored(dist.logvar[j]),
+                        "text": stored(text[j]),
                     }
-                    meta = {**meta, "vae": vae_id, "text_encoder": te_id}
+                    meta = {**meta, "vae": vae_id, "text_encoder": te_id, "dtype": dtype}
+                    if n_var:
+                        tensors["text_variants"] = stored(var[j])
+                        meta["caption_variants"] = var_texts[j]
                     encoded[key] = (meta, canonical_safetensors(save(tensors)))
     with atomic_paths(*outs) as tmps:
         with (
             open(tmps[0], "wb") as fh,
             wds.TarWriter(fh, mtime=0.0, user="lorapipe", group="lorapipe") as writer,
         ):
+            writer.write({"__key__": EMPTY_KEY, "empty.safetensors": empty_blob})
             for key in sorted(encoded):
                 meta, blob = encoded[key]
                 writer.write({"__key__": key, "latents.safetensors": blob,
@@ -103,7 +152,8 @@ def encode_shard(
         if checksum:
             with open(tmps[1], "wb") as fh:
                 fh.write(checksum_line(out_tar, sha256_file(tmps[0])).encode())
-    log.info("encoded %d samples from %s on %s", len(encoded), shard_tar, device)
+    log.info("encoded %d samples (%d caption variants each, %s) from %s on %s",
+             len(encoded), n_var, dtype, shard_tar, device)
     return len(encoded)
 
 
@@ -111,25 +161,36 @@ REQUIRED_TENSORS = ("mean", "logvar")
 
 
 def load_latent_shards(paths: list[str]) -> list[dict]:
-    """Read latent shards fully into memory (the common LoRA case), sorted by key.
+    """The samples of :func:`load_latent_cache` (kept for callers that need no empty prompt)."""
+    return load_latent_cache(paths)[0]
+
+
+def load_latent_cache(paths: list[str]):
+    """Read latent shards fully into memory (the common LoRA case).
 
     Each shard is checked against its checksum sidecar (when it has one) and every sample is
     decoded and checked (tensors present, shapes consistent, finite values) before anything is
     returned, so a damaged shard stops training before its first step.
 
     Returns:
-        One dict per sample: key, mean, logvar, text (tensors), meta (dict).
+        ``(samples, empty_text)``: one dict per sample, sorted by key (key, mean, logvar, text,
+        text_variants when the cache has variants (tensors), meta (dict)); and the empty prompt's
+        text-encoder output (L, D), or None for shards written before it was stored.
 
     Raises:
         CorruptFileError: naming the shard (and sample). A shard that does not match its checksum,
             or has none, is deleted so that a rerun rebuilds it; one that matches its checksum
-            but does not decode was written that way and is kept for inspection.
+            but does not decode was written that way and is kept for inspection. Shards whose
+            empty prompts differ (made by different text encoders) are refused too.
     """
+    import torch
+
     out = []
+    empty = None
     for p in paths:
         verified = verify_file(p)
         try:
-            out += _decode_latent_shard(p)
+            samples, shard_empty = _decode_latent_shard(p)
         except Exception as e:  # any decode failure means: refuse this shard
             if not verified:
                 discard(p)
@@ -138,20 +199,36 @@ def load_latent_shards(paths: list[str]) -> list[dict]:
                 + ("it matches its checksum, so encode wrote it so: rebuild it by hand"
                    if verified else "deleted it: rerun snakemake to rebuild it")
             ) from e
-    return sorted(out, key=lambda s: s["key"])
+        if shard_empty is not None:
+            if empty is None:
+                empty = shard_empty
+            elif empty.shape != shard_empty.shape or not torch.equal(empty, shard_empty):
+                raise CorruptFileError(
+                    f"{p}: its empty-prompt encoding differs from {paths[0]}'s "
+                    "(latent shards of different text encoders or dtypes)"
+                )
+        out += samples
+    return sorted(out, key=lambda s: s["key"]), empty
 
 
-def _decode_latent_shard(path) -> list[dict]:
+def _decode_latent_shard(path) -> tuple[list[dict], object]:
     import torch
     import webdataset as wds
     from safetensors.torch import load
 
     out = []
+    empty = None
     key = None
     ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
     try:
         for s in ds:
             key = s["__key__"]
+            if key == EMPTY_KEY:
+                empty = load(s["empty.safetensors"])["text"]
+                if empty.dim() != 2 or not torch.isfinite(empty).all():
+                    raise ValueError(f"bad empty-prompt tensor {tuple(empty.shape)}")
+                key = None
+                continue
             t = load(s["latents.safetensors"])
             missing = [k for k in REQUIRED_TENSORS if k not in t]
             if missing:
@@ -160,6 +237,9 @@ def _decode_latent_shard(path) -> list[dict]:
                 t["mean"].shape != t["logvar"].shape
                 or t["mean"].dim() != 3
                 or ("text" in t and t["text"].dim() != 2)
+                or ("text_variants" in t and (
+                    t["text_variants"].dim() != 3
+                    or ("text" in t and t["text_variants"].shape[1:] != t["text"].shape)))
             ):
                 shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(t.items()))
                 raise ValueError(f"unexpected shapes: {shapes}")
@@ -173,4 +253,4 @@ def _decode_latent_shard(path) -> list[dict]:
         if key is not None:
             raise ValueError(f"sample {key}: {e}") from e
         raise
-    return out
+    return out, empty

@@ -321,3 +321,58 @@ def test_blip_captions_real_model_and_cache(ds, tmp_path, monkeypatch):
     monkeypatch.setattr(captions, "blip_captions", must_not_run)
     counts, recs = ds.caption(blip)
     assert recs["a.png"]["source"] == "cache" and recs["a.png"]["caption"] == text
+
+
+def test_caption_variants_keep_tokens_shuffle_and_dropout():
+    from lorapipe.captions import VariantSettings, caption_variant
+
+    cap = "mycat, sofa, red, blue, green, window, lamp"
+    shuf = VariantSettings(caption_variants=4, shuffle_captions=True, keep_tokens=1)
+    vs = [caption_variant(cap, "k1", i, shuf) for i in range(4)]
+    assert vs == [caption_variant(cap, "k1", i, shuf) for i in range(4)]  # reproducible
+    assert all(v.startswith("mycat, ") for v in vs)
+    assert all(sorted(v.split(", ")) == sorted(cap.split(", ")) for v in vs)
+    assert len(set(vs)) > 1
+    assert vs != [caption_variant(cap, "k2", i, shuf) for i in range(4)]  # per sample
+    keep3 = VariantSettings(caption_variants=1, shuffle_captions=True, keep_tokens=3)
+    assert caption_variant(cap, "k1", 0, keep3).startswith("mycat, sofa, red, ")
+    # without shuffle or dropout a variant is the caption (tags normalised), order kept
+    assert caption_variant(cap, "k1", 0, VariantSettings(1)) == cap
+    drop = VariantSettings(caption_variants=8, keep_tokens=1, tag_dropout=0.5)
+    dropped = [caption_variant(cap, "k1", i, drop).split(", ") for i in range(8)]
+    assert all(d[0] == "mycat" for d in dropped)
+    assert any(len(d) < 7 for d in dropped) and any(len(d) > 1 for d in dropped)
+    assert all(d == [t for t in cap.split(", ") if t in d] for d in dropped)  # order kept
+    assert caption_variant("just one", "k", 0, shuf) == "just one"
+
+
+def test_merge_captions_makes_one_editable_csv_that_reads_back_as_edits(tmp_path):
+    import csv
+    import json
+
+    from lorapipe.captions import merge_captions, read_overrides
+    from lorapipe.io import write_checksum
+
+    rows = [
+        [{"path": "b/2.png", "sha256": "x", "caption": 'say "hi", ok', "source": "template"}],
+        [{"path": "a.png", "sha256": "y", "caption": "line\nbreak, ünï", "source": "sidecar"},
+         {"path": "c.png", "sha256": "z", "caption": "", "source": "edit"}],
+    ]
+    paths = []
+    for i, shard in enumerate(rows):
+        p = tmp_path / f"{i:05d}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in shard), encoding="utf-8")
+        write_checksum(p)
+        paths.append(str(p))
+    out = tmp_path / "review.csv"
+    counts = merge_captions(paths, out)
+    assert counts == {"template": 1, "sidecar": 1, "edit": 1}
+    with open(out, newline="", encoding="utf-8") as fh:
+        got = list(csv.DictReader(fh))
+    assert [r["path"] for r in got] == ["a.png", "b/2.png", "c.png"]
+    assert got[0]["caption"] == "line\nbreak, ünï" and got[1]["caption"] == 'say "hi", ok'
+    assert read_overrides(out) == {"a.png": "line\nbreak, ünï", "b/2.png": 'say "hi", ok',
+                                   "c.png": ""}
+    (tmp_path / "00000.jsonl").write_text("damaged\n")
+    with pytest.raises(Exception, match="00000.jsonl"):
+        merge_captions(paths, out)

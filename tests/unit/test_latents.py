@@ -1,0 +1,127 @@
+"""Latent cache: caption variants, the cached empty prompt, stored dtype, reproducible bytes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from lorapipe.captions import CaptionSettings, VariantSettings, caption_shard, caption_variant
+from lorapipe.manifest import ScanSettings, list_images, scan_shard
+from lorapipe.shards import ShardSettings, write_shard
+
+VARIANTS = VariantSettings(caption_variants=3, shuffle_captions=True, keep_tokens=1)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def image_shard(tmp_path_factory, demo_images) -> Path:
+    """One image shard of the demo images, captioned with comma-separated tags."""
+    d = tmp_path_factory.mktemp("lat")
+    files = list_images(demo_images)[:6]
+    scan_shard(demo_images, files, ScanSettings(64, 0.5, 10**8, "#ffffff"), d / "m.jsonl")
+    overrides = {f: f"thing, red, blue, green, square, {i}" for i, f in enumerate(files)}
+    caption_shard(demo_images, d / "m.jsonl", CaptionSettings("template", "a {trigger}", "x"),
+                  d / "cc", d / "c.jsonl", overrides=overrides)
+    write_shard(demo_images, d / "m.jsonl", d / "c.jsonl",
+                ShardSettings(64, 16, True, 10**8, "#ffffff"), d / "s.tar", d / "s.jsonl")
+    return d / "s.tar"
+
+
+@pytest.fixture(scope="module")
+def encoded(image_shard, tiny_model):
+    from lorapipe.latents import encode_shard
+
+    out = image_shard.with_name("l.tar")
+    encode_shard(image_shard, tiny_model, out, batch_size=4, checksum=True, variants=VARIANTS)
+    return out
+
+
+def encode_text(model: Path, prompts: list[str]):
+    import torch
+
+    from lorapipe.models import load_parts
+
+    parts = load_parts(model, ("text_encoder", "tokenizer"))
+    tok = parts["tokenizer"]
+    with torch.inference_mode():
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+        return parts["text_encoder"].eval()(ids)[0]
+
+
+def test_variants_are_the_encodings_of_reproducible_tag_shuffles(encoded, tiny_model):
+    import torch
+
+    from lorapipe.latents import load_latent_cache
+
+    samples, empty = load_latent_cache([str(encoded)])
+    index = encoded.with_name("s.jsonl").read_text().splitlines()
+    assert len(samples) == len(index) >= 4
+    s = samples[0]
+    L, D = s["text"].shape
+    assert s["text_variants"].shape == (3, L, D)
+    texts = s["meta"]["caption_variants"]
+    assert texts == [caption_variant(s["meta"]["caption"], s["key"], k, VARIANTS) for k in range(3)]
+    assert all(t.startswith("thing, ") for t in texts)  # keep_tokens=1
+    assert len(set(texts)) > 1 and s["meta"]["caption"] not in texts
+    ref = encode_text(tiny_model, texts)
+    torch.testing.assert_close(s["text_variants"], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s["text"], encode_text(tiny_model, [s["meta"]["caption"]])[0],
+                               rtol=1e-5, atol=1e-5)
+    # the empty prompt, tokenised exactly as training tokenises it
+    from lorapipe.models import load_parts
+
+    parts = load_parts(tiny_model, ("text_encoder", "tokenizer"))
+    tok = parts["tokenizer"]
+    with torch.inference_mode():
+        ids = tok([""], padding="max_length", max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        want = parts["text_encoder"].eval()(ids)[0][0]
+    assert empty.shape == (L, D) and torch.equal(empty, want)
+
+
+def test_same_inputs_same_bytes_and_old_api(encoded, image_shard, tiny_model, tmp_path):
+    from lorapipe.latents import encode_shard, load_latent_shards
+
+    again = tmp_path / "l.tar"
+    encode_shard(image_shard, tiny_model, again, batch_size=4, checksum=True, variants=VARIANTS)
+    assert sha(again) == sha(encoded)
+    samples = load_latent_shards([str(again)])
+    assert isinstance(samples, list) and {"mean", "logvar", "text", "meta"} <= set(samples[0])
+    # another variant setting is another file
+    other = tmp_path / "o.tar"
+    encode_shard(image_shard, tiny_model, other, batch_size=4,
+                 variants=VariantSettings(caption_variants=3, shuffle_captions=True, keep_tokens=2))
+    assert sha(other) != sha(encoded)
+
+
+def test_bfloat16_cache_and_no_variants(image_shard, tiny_model, tmp_path):
+    import torch
+
+    from lorapipe.latents import encode_shard, load_latent_cache
+
+    out = tmp_path / "bf.tar"
+    encode_shard(image_shard, tiny_model, out, batch_size=4, dtype="bfloat16")
+    samples, empty = load_latent_cache([str(out)])
+    assert "text_variants" not in samples[0]
+    assert {samples[0][k].dtype for k in ("mean", "logvar", "text")} == {torch.bfloat16}
+    assert empty.dtype == torch.bfloat16 and samples[0]["meta"]["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="float16"):
+        encode_shard(image_shard, tiny_model, tmp_path / "x.tar", dtype="float16")
+
+
+def test_shards_of_different_text_encoders_are_refused(encoded, image_shard, tmp_path):
+    from lorapipe.io import CorruptFileError
+    from lorapipe.latents import encode_shard, load_latent_cache
+    from lorapipe.tiny import build_tiny_model
+
+    other_model = build_tiny_model(tmp_path / "m2", seed=1)
+    other = tmp_path / "l2.tar"
+    encode_shard(image_shard, other_model, other, batch_size=4)
+    with pytest.raises(CorruptFileError, match="empty-prompt"):
+        load_latent_cache([str(encoded), str(other)])
