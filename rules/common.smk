@@ -32,6 +32,7 @@ wildcard_constraints:
     model=NAME,
     shard=r"\d{5}",
     res=r"\d+",
+    dtype="float32|bfloat16",
 
 
 DATASETS = config["datasets"]
@@ -155,9 +156,20 @@ def model_files(model, parts):
     return [str(path / f) for f in out]
 
 
-def latent_dir(run):
+def latent_dtype(run):
+    """Stored dtype of a run's latent cache: bf16 when the run trains in bf16 (or when asked)."""
     r = RUNS[run]
-    return f"results/{r.dataset}/latents/{r.base_model}-{DATASETS[r.dataset]['resolution']}"
+    want = DATASETS[r.dataset]["latent_dtype"]
+    if want != "auto":
+        return want
+    return "bfloat16" if r.mixed_precision == "bf16" else "float32"
+
+
+def latent_dir(run):
+    """The latent cache a run reads: shared by every run of one model, resolution and dtype."""
+    r = RUNS[run]
+    res = DATASETS[r.dataset]["resolution"]
+    return f"results/{r.dataset}/latents/{r.base_model}-{res}-{latent_dtype(run)}"
 
 
 def get_run_latents(wildcards):

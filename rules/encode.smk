@@ -9,13 +9,13 @@ rule encode:
         model=get_encode_model_files,
     output:
         tar=ensure(
-            "results/{dataset}/latents/{model}-{res}/{shard}.tar", non_empty=True
+            "results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar", non_empty=True
         ),
-        sha256="results/{dataset}/latents/{model}-{res}/{shard}.tar.sha256",
+        sha256="results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar.sha256",
     log:
-        "logs/encode/{dataset}/{model}-{res}/{shard}.log",
+        "logs/encode/{dataset}/{model}-{res}-{dtype}/{shard}.log",
     benchmark:
-        "benchmarks/encode/{dataset}/{model}-{res}/{shard}.tsv"
+        "benchmarks/encode/{dataset}/{model}-{res}-{dtype}/{shard}.tsv"
     conda:
         ENV
     threads: 2
@@ -24,13 +24,13 @@ rule encode:
     params:
         model_path=get_model_path,
         original_config=get_original_config,
-        dtype="float32",
+        dtype="{dtype}",
         batch_size=8,
         variants=get_variant_settings,
         code=code_version("latents", "captions", "models", "shards", "io"),
         libs=LIBS_TORCH,
         integrity=integrity_param(
-            "results/{dataset}/latents/{model}-{res}/{shard}.tar", workflow
+            "results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar", workflow
         ),
     script:
         "../scripts/encode.py"

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 SEED = 7
 LORA = ("results/runs/r1/pytorch_lora_weights.safetensors", "results/runs/r1/r1.safetensors")
-LATENTS = "results/mine/latents/tiny-sd-64"
+LATENTS = "results/mine/latents/tiny-sd-64-float32"
 
 
 @pytest.fixture(scope="module")

@@ -172,6 +172,23 @@ def test_adding_one_image_reruns_one_shard(wf):
     assert planned_jobs(work, code) == {}
 
 
+def test_latent_cache_is_shared_per_model_resolution_and_dtype(wf):
+    code, work = wf
+    caches = sorted(p.name for p in (work / "results/mine/latents").iterdir())
+    assert caches == ["tiny-sd-64-float32"]  # r1 and r2 (CPU, no bf16) share one cache
+    cfg = config()
+    cfg["runs"]["r2"]["mixed_precision"] = "bf16"
+    write_config(work / "cfg.yaml", cfg)
+    try:
+        jobs = planned_jobs(work, code)
+    finally:
+        write_config(work / "cfg.yaml", config())
+    # a bf16 run gets its own bf16 cache: every shard encoded again, nothing before encode
+    assert jobs["encode"] == 3 and jobs["train"] == 1
+    assert not {"manifest", "caption", "shard"} & set(jobs)
+    assert planned_jobs(work, code) == {}
+
+
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
     cfg = config()
     cfg["runs"]["r1"]["lora_rnak"] = 4
