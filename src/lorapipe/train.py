@@ -197,6 +197,11 @@ def _train(
         empty_text = parts["text_encoder"](ids.input_ids)[0][0].clone()
     del parts
     prediction = noise_sched.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(
+            f"run {run.name}: the base model's scheduler has prediction_type {prediction!r}; "
+            "lorapipe trains epsilon or v_prediction models only"
+        )
 
     unet.requires_grad_(False)
     torch.manual_seed(run.seed)  # LoRA init (gaussian A) is the only use of global RNG
@@ -249,9 +254,9 @@ def _train(
         return {**export_meta, **({"lorapipe_mlflow_run_id": run_id} if run_id else {})}
 
     forward = unet
-    compile_s = 0.0
     if resolve_compile(run.compile, device):
         forward = torch.compile(unet)
+    compile_checked = forward is unet  # until one whole step (forward + backward) has run
 
     def save_checkpoint():
         final = ckpt_dir / f"step-{step:06d}"
@@ -292,71 +297,90 @@ def _train(
         run.name, len(samples), plan.total_steps, plan.epochs, plan.steps_per_epoch,
         precision, device, forward is not unet,
     )
+    def micro_step(batch: list[int], epoch: int, n_images: int, forward) -> tuple[float, float]:
+        """Data, forward, loss and backward of one micro-batch: (loss, seconds preparing data)."""
+        td = time.perf_counter()
+        lat, noise, ts, text = [], [], [], []
+        for i in batch:
+            s = samples[i]
+            eps_latent, nz, t, drop = _draw(
+                s, run.seed, epoch, noise_sched.config.num_train_timesteps, run.noise_offset
+            )
+            z = s["mean"].float() + torch.exp(0.5 * s["logvar"].float()) * eps_latent
+            lat.append(z * scaling)
+            noise.append(nz)
+            ts.append(t)
+            text.append(empty_text if drop < run.caption_dropout else s["text"].float())
+        latents = torch.stack(lat).to(device)
+        noise_t = torch.stack(noise).to(device)
+        timesteps = torch.tensor(ts, device=device, dtype=torch.long)
+        cond = torch.stack(text).to(device)
+        noisy = noise_sched.add_noise(latents, noise_t, timesteps)
+        if prediction == "epsilon":
+            target = noise_t
+        else:
+            target = noise_sched.get_velocity(latents, noise_t, timesteps)
+        data_s = time.perf_counter() - td
+        with autocast():
+            pred = forward(noisy, timesteps, cond, return_dict=False)[0]
+        err = (pred.float() - target.float()) ** 2
+        per_sample = err.mean(dim=(1, 2, 3))
+        if run.min_snr_gamma:
+            snr = compute_snr(noise_sched, timesteps)
+            w = torch.minimum(snr, torch.full_like(snr, run.min_snr_gamma))
+            w = w / snr if prediction == "epsilon" else w / (snr + 1)
+            per_sample = per_sample * w
+        loss = per_sample.mean() * len(batch) / n_images
+        if not torch.isfinite(loss) and not scaler.is_enabled():
+            paths = [samples[i]["meta"]["path"] for i in batch]
+            raise FloatingPointError(
+                f"run {run.name}: non-finite loss at step {step + 1} (samples: {paths}); "
+                f"last good checkpoint kept in {ckpt_dir}"
+            )
+        scaler.scale(loss).backward()
+        return float(loss.detach()), data_s
+
+    def autocast():
+        return torch.autocast(
+            device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        )
+
+    def forward_backward(micro, epoch, n_images, forward) -> tuple[float, float]:
+        loss_sum, data_s = 0.0, 0.0
+        for batch in micro:
+            loss, ds = micro_step(batch, epoch, n_images, forward)
+            loss_sum += loss
+            data_s += ds
+        return loss_sum, data_s
+
     t_loop = time.perf_counter()
     steps_at_loop_start = step
+    step_times: list[float] = []
     while step < plan.total_steps:
         epoch, local = divmod(step, plan.steps_per_epoch)
         batches = epoch_batches(samples, run.batch_size, run.seed, epoch)
         micro = batches[local * run.gradient_accumulation : (local + 1) * run.gradient_accumulation]
         t0 = time.perf_counter()
         n_images = sum(len(b) for b in micro)
-        loss_sum, data_s = 0.0, 0.0
-        for batch in micro:
-            td = time.perf_counter()
-            lat, noise, ts, text = [], [], [], []
-            for i in batch:
-                s = samples[i]
-                eps_latent, nz, t, drop = _draw(
-                    s, run.seed, epoch, noise_sched.config.num_train_timesteps, run.noise_offset
-                )
-                z = s["mean"].float() + torch.exp(0.5 * s["logvar"].float()) * eps_latent
-                lat.append(z * scaling)
-                noise.append(nz)
-                ts.append(t)
-                text.append(empty_text if drop < run.caption_dropout else s["text"].float())
-            latents = torch.stack(lat).to(device)
-            noise_t = torch.stack(noise).to(device)
-            timesteps = torch.tensor(ts, device=device, dtype=torch.long)
-            cond = torch.stack(text).to(device)
-            noisy = noise_sched.add_noise(latents, noise_t, timesteps)
-            if prediction == "epsilon":
-                target = noise_t
-            else:
-                target = noise_sched.get_velocity(latents, noise_t, timesteps)
-            data_s += time.perf_counter() - td
-            tc = time.perf_counter()
-            autocast = torch.autocast(
-                device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            )
-            with autocast:
-                try:
-                    pred = forward(noisy, timesteps, cond, return_dict=False)[0]
-                except Exception as e:  # a failed compile must not lose the run
-                    if forward is unet:
-                        raise
-                    log.warning(
-                        "torch.compile failed (%s: %s); training eagerly", type(e).__name__, e
-                    )
-                    forward = unet
-                    pred = forward(noisy, timesteps, cond, return_dict=False)[0]
-            if step == steps_at_loop_start and forward is not unet:
-                compile_s = time.perf_counter() - tc
-            err = (pred.float() - target.float()) ** 2
-            per_sample = err.mean(dim=(1, 2, 3))
-            if run.min_snr_gamma:
-                snr = compute_snr(noise_sched, timesteps)
-                w = torch.minimum(snr, torch.full_like(snr, run.min_snr_gamma))
-                w = w / snr if prediction == "epsilon" else w / (snr + 1)
-                per_sample = per_sample * w
-            loss = per_sample.mean() * len(batch) / n_images
-            if not torch.isfinite(loss) and not scaler.is_enabled():
-                paths = [samples[i]["meta"]["path"] for i in batch]
-                raise FloatingPointError(
-                    f"run {run.name}: non-finite loss at step {step + 1} (samples: {paths}); "
-                    f"last good checkpoint kept in {ckpt_dir}"
-                )
-            scaler.scale(loss).backward()
-            loss_sum += float(loss.detach())
+        if compile_checked:
+            loss_sum, data_s = forward_backward(micro, epoch, n_images, forward)
+        else:  # Inductor compiles the forward here and the backward at the first backward():
+            # guard both, so a compile failure in either costs one redone step, not the run
+            rng = torch.get_rng_state()
+            try:
+                loss_sum, data_s = forward_backward(micro, epoch, n_images, forward)
+            except FloatingPointError:
+                raise
+            except Exception as e:
+                log.warning(
+                    "torch.compile failed in the first step (%s: %s); redoing the step eagerly "
+                    "and training without compile", type(e).__name__, e,
+                )  # fmt: skip
+                opt.zero_grad(set_to_none=True)
+                torch.set_rng_state(rng)
+                forward = unet
+                loss_sum, data_s = forward_backward(micro, epoch, n_images, forward)
+            compile_checked = True
         scaler.unscale_(opt)
         if run.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
@@ -368,6 +392,7 @@ def _train(
         opt.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
+        step_times.append(dt)
         m = {
             "step": step,
             "epoch": epoch + 1,
@@ -408,13 +433,18 @@ def _train(
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     plot_loss(metrics, out_dir / "loss.png", run.name)
     steady = [m["images_per_s"] for m in metrics[steps_at_loop_start + 1 :]]
+    compiled = forward is not unet
+    # Compile time: the first step (Inductor compiles forward and backward there) minus a
+    # steady step (the median of the later ones; with a single step, all of it counts).
+    steady_step = _median(step_times[1:]) if len(step_times) > 1 else 0.0
+    compile_s = max(0.0, step_times[0] - steady_step) if compiled and step_times else 0.0
     summary = {
         "steps": step,
         "epochs": plan.epochs,
         "final_loss": metrics[-1]["loss"] if metrics else None,
         "precision": precision,
         "device": device,
-        "compiled": forward is not unet,
+        "compiled": compiled,
         "compile_s": compile_s,
         "wall_s": time.perf_counter() - t_start,
         "images_per_s_steady": sum(steady) / len(steady) if steady else None,
@@ -423,6 +453,12 @@ def _train(
     }
     atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] + xs[(n - 1) // 2]) / 2
 
 
 def _fmt_eta(seconds: float) -> str:

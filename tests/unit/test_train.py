@@ -328,3 +328,72 @@ def test_failed_training_marks_the_mlflow_run_failed(latents, tiny_model, tmp_pa
         train(run_config(learning_rate=1e30, max_grad_norm=0, noise_offset=1e38), latents,
               str(tiny_model), tmp_path / "b", tmp_path / "cb", "d" * 64, tracker=t)  # fmt: skip
     assert MlflowClient(uri).get_run(t.run_id).info.status == "FAILED"
+
+
+def test_unknown_prediction_type_is_refused_by_name(latents, tiny_model, tmp_path):
+    import shutil
+
+    from lorapipe.train import train
+
+    model = tmp_path / "tiny-sample"
+    shutil.copytree(tiny_model, model)
+    f = model / "scheduler" / "scheduler_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        train(run_config(max_steps=1), latents, str(model), tmp_path / "o", tmp_path / "c",
+              "2" * 64)  # fmt: skip
+
+
+class BrokenCompile:
+    """Stands in for torch.compile: the wrapped UNet's forward works, but the backward of call
+    number ``fail_on`` raises, as an Inductor failure in the first backward does."""
+
+    def __init__(self, fail_on: int):
+        self.fail_on, self.calls = fail_on, 0
+
+    def __call__(self, module, **kw):
+        import torch
+
+        outer = self
+
+        class Fail(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, g):
+                raise RuntimeError("simulated compile failure in the backward")
+
+        def forward(*args, **kwargs):
+            outer.calls += 1
+            out = module(*args, **kwargs)
+            return (Fail.apply(out[0]),) if outer.calls == outer.fail_on else out
+
+        return forward
+
+
+def test_compile_failure_in_first_backward_redoes_the_step_eagerly(
+    latents, tiny_model, tmp_path, monkeypatch, caplog
+):
+    """The second micro-batch's backward fails after the first one left gradients: the step is
+    redone eagerly from zeroed gradients, so the LoRA is the one an eager run writes."""
+    import logging
+
+    import torch
+
+    from lorapipe import train as train_mod
+
+    caplog.set_level(logging.WARNING, logger="lorapipe.train")
+    eager = run_config(max_steps=3, gradient_accumulation=2)
+    train_mod.train(eager, latents, str(tiny_model), tmp_path / "e", tmp_path / "ce", "3" * 64)
+    broken = BrokenCompile(fail_on=2)
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(train_mod, "warmup_shapes", lambda *a, **k: [], raising=False)
+    s = train_mod.train(run_config(max_steps=3, gradient_accumulation=2, compile=True), latents,
+                        str(tiny_model), tmp_path / "b", tmp_path / "cb", "3" * 64)  # fmt: skip
+    assert broken.calls == 2 and s["compiled"] is False and s["compile_s"] == 0.0
+    assert any("torch.compile failed" in r.getMessage() for r in caplog.records)
+    assert sha(tmp_path / "b" / "pytorch_lora_weights.safetensors") == sha(
+        tmp_path / "e" / "pytorch_lora_weights.safetensors"
+    )
