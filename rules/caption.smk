@@ -23,3 +23,27 @@ rule caption:
         integrity=integrity_param("results/{dataset}/captions/{shard}.jsonl", workflow),
     script:
         "../scripts/caption.py"
+
+
+# `snakemake captions_<dataset>`: caption a dataset without training, then review one file.
+for _name in DATASETS:
+
+    rule:
+        name:
+            f"captions_{_name}"
+        input:
+            expand(
+                "results/{dataset}/captions/{shard}.jsonl",
+                dataset=_name,
+                shard=shard_ids(_name),
+            ),
+        output:
+            csv=f"results/{_name}/captions_review.csv",
+        log:
+            f"logs/captions_review/{_name}.log",
+        conda:
+            ENV
+        params:
+            code=code_version("captions", "manifest", "io"),
+        script:
+            "../scripts/captions_review.py"

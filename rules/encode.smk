@@ -9,7 +9,8 @@ rule encode:
         model=get_encode_model_files,
     output:
         tar=ensure(
-            "results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar", non_empty=True
+            "results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar",
+            non_empty=True,
         ),
         sha256="results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar.sha256",
     log:

@@ -189,6 +189,34 @@ def test_latent_cache_is_shared_per_model_resolution_and_dtype(wf):
     assert planned_jobs(work, code) == {}
 
 
+def test_caption_review_file_and_editing_one_row_restales_one_shard(tmp_path):
+    import csv
+
+    from lorapipe.demo import make_demo_dataset
+    from lorapipe.manifest import shard_of
+
+    make_demo_dataset(tmp_path / "data" / "mine", images=8, seed=1)
+    write_config(tmp_path / "cfg.yaml", config())
+    snakemake(tmp_path, "captions_mine")  # captions only: no model, no shard, no training
+    assert not (tmp_path / "results/mine/shards").exists()
+    review = tmp_path / "results/mine/captions_review.csv"
+    with open(review, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and {r["source"] for r in rows} == {"sidecar", "template"}
+    edited = next(r for r in rows if r["source"] == "template")
+    edited["caption"] = "a thing, hand-corrected"
+    with open(tmp_path / "data/mine/captions.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["path", "caption", "source"])
+        w.writeheader()
+        w.writerow(edited)  # only the changed row
+    assert planned_jobs(tmp_path, None, "captions_mine") == {"caption": 1, "captions_mine": 1}
+    snakemake(tmp_path, "captions_mine")
+    shard = f"{shard_of(edited['path'], 3):05d}"
+    lines = (tmp_path / f"results/mine/captions/{shard}.jsonl").read_text(encoding="utf-8")
+    assert '"caption": "a thing, hand-corrected"' in lines and '"source": "edit"' in lines
+    assert '"a thing, hand-corrected",edit' in review.read_text(encoding="utf-8")
+
+
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
     cfg = config()
     cfg["runs"]["r1"]["lora_rnak"] = 4

@@ -58,9 +58,9 @@ def snakemake(workdir: Path, *args: str, code: Path | None = None, check: bool =
     return proc
 
 
-def planned_jobs(workdir: Path, code: Path | None = None) -> dict[str, int]:
+def planned_jobs(workdir: Path, code: Path | None = None, *targets: str) -> dict[str, int]:
     """Jobs a dry run would execute, as {rule: count} (empty when nothing is to be done)."""
-    out = snakemake(workdir, "-n", "--quiet", "rules", code=code)
+    out = snakemake(workdir, *targets, "-n", "--quiet", "rules", code=code)
     text = out.stdout + out.stderr
     if "Nothing to be done" in text:
         return {}
