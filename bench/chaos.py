@@ -281,8 +281,10 @@ def output_hashes(work: Path, raw: bool = False) -> dict[str, str]:
 
 
 def leftover_temps(work: Path) -> list[str]:
-    """Temporary files of atomic writes left anywhere under results/."""
-    return sorted(p.relative_to(work).as_posix() for p in (work / "results").rglob("*.tmp"))
+    """Temporary files of atomic writes left anywhere under results/, and temporary MLflow
+    stores (tracking.ensure_sqlite_store) left beside mlflow.db."""
+    temps = [*(work / "results").rglob("*.tmp"), *work.glob(".mlflow.db.*.creating*")]
+    return sorted(p.relative_to(work).as_posix() for p in temps)
 
 
 def finish_clean(run: Run, work: Path) -> dict:

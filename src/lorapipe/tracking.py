@@ -9,16 +9,18 @@ folder, so plain ``mlflow ui`` there shows the runs. MLFLOW_TRACKING_URI wins ov
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 from pathlib import Path
 
-from .io import atomic_write_text
+from .io import atomic_write_text, glob_escape
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,113 @@ def tracking_uri(configured: str | None, workdir: str | os.PathLike = ".") -> st
     if configured:
         return configured
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative or absolute); None for other stores
+    and in-memory databases."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+_CREATING = ".creating"
+
+
+def _creating_name(db: Path) -> Path:
+    return db.with_name(f".{db.name}.{socket.gethostname()}-{os.getpid()}{_CREATING}")
+
+
+def _remove_stale_creations(db: Path, max_age_s: float = 3600.0) -> int:
+    """Delete the temporary stores (and their SQLite journals) that a killed `ensure_sqlite_store`
+    left beside ``db``: those of a dead process on this host, and any older than ``max_age_s``
+    (another host's; creating a store takes seconds). Returns how many files were removed."""
+    host, n = socket.gethostname(), 0
+    for tmp in db.parent.glob(f".{db.name}.*{_CREATING}*"):
+        owner = tmp.name[len(db.name) + 2 :].split(_CREATING, 1)[0]  # "<host>-<pid>"
+        who, _, pid = owner.rpartition("-")
+        dead = False
+        if who == host and pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                dead = True
+            except PermissionError:
+                pass
+        try:
+            if dead or time.time() - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
+                n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def ensure_sqlite_store(uri: str) -> bool:
+    """Create the sqlite MLflow store of ``uri`` atomically if it does not exist yet.
+
+    MLflow creates a missing sqlite store in place, running ~30 schema migrations that are not
+    one transaction: a process killed meanwhile leaves a half-migrated ``mlflow.db`` that every
+    later job fails on ("duplicate column name"). Here MLflow builds the store in a temporary
+    file beside it (``.mlflow.db.<host>-<pid>.creating``), which is hard-linked to the final name
+    only once complete: a kill leaves no store (the next call starts over and removes the
+    leftover) or a complete one. When two processes race, the first link wins and the other
+    uses it. An existing database is used as it is (an empty file counts as missing). Other
+    store URIs are left to MLflow. Returns True when this call created the store.
+    """
+    db = sqlite_file(uri)
+    if db is None:
+        return False
+    db = db.absolute()
+    try:
+        if db.stat().st_size > 0:
+            return False
+        empty = True
+    except FileNotFoundError:
+        empty = False
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    removed = _remove_stale_creations(db)
+    if removed:
+        log.info("removed %d leftover temporary MLflow store file(s) beside %s", removed, db)
+    tmp = _creating_name(db)
+    tmp.unlink(missing_ok=True)
+    tmp_uri = f"sqlite:///{tmp}"
+    try:
+        # The artifact root is MLflow's own default (./mlruns): the Default experiment the store
+        # creates gets the location it would get from a store created in place.
+        store = SqlAlchemyStore(tmp_uri, "./mlruns")
+        store.engine.dispose()  # close the connections: the file is complete on disk
+        getattr(SqlAlchemyStore, "_engine_map", {}).pop(tmp_uri, None)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        try:
+            if empty:
+                if db.stat().st_size > 0:  # filled meanwhile by another process
+                    return False
+                os.replace(tmp, db)
+            else:
+                os.link(tmp, db)
+        except FileExistsError:
+            return False  # another process linked its complete store first
+        except OSError as e:  # a filesystem without hard links
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+                raise
+            os.replace(tmp, db)
+        with contextlib.suppress(OSError):
+            fd = os.open(db.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        log.info("created MLflow store %s", db)
+        return True
+    finally:
+        for leftover in db.parent.glob(f"{glob_escape(tmp.name)}*"):  # + SQLite journals
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -213,6 +322,7 @@ def log_run(
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
+    ensure_sqlite_store(uri)
     client = MlflowClient(tracking_uri=uri)
     exp_id = open_experiment(client, experiment, uri)
     found = find_run(client, exp_id, tags.get(FINGERPRINT_TAG, ""), run_id)
@@ -473,6 +583,7 @@ class LiveTracker:
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
+        ensure_sqlite_store(self.uri)
         client = MlflowClient(tracking_uri=self.uri)
         exp_id = open_experiment(client, self.experiment, self.uri)
         run = find_run(client, exp_id, self.fingerprint)

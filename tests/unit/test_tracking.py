@@ -1,14 +1,28 @@
-"""tracking: URI precedence, config flattening, metrics.jsonl reading (no MLflow needed)."""
+"""tracking: URI precedence, config flattening, metrics.jsonl reading (no MLflow needed); the
+sqlite store created atomically (real MLflow, a real kill -9 while it is being created)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from lorapipe.tracking import _key, flatten, read_metrics, tracking_uri
+from lorapipe.tracking import (
+    _key,
+    ensure_sqlite_store,
+    flatten,
+    read_metrics,
+    sqlite_file,
+    tracking_uri,
+)
 
 
 def test_tracking_uri_precedence(monkeypatch, tmp_path):
@@ -84,3 +98,80 @@ def test_read_metrics_names_a_bad_line(tmp_path):
     p = write(tmp_path, [{"step": 1, "loss": 1.0}, {"loss": 2.0}])
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         read_metrics(p)
+
+
+def test_sqlite_file():
+    assert sqlite_file("sqlite:////abs/mlflow.db") == Path("/abs/mlflow.db")
+    assert sqlite_file("sqlite:///rel/mlflow.db?timeout=5") == Path("rel/mlflow.db")
+    assert sqlite_file("sqlite:///:memory:") is None
+    assert sqlite_file("http://127.0.0.1:5000") is None
+    assert sqlite_file("postgresql://u@h/db") is None
+
+
+def creations(db: Path) -> list[Path]:
+    return sorted(db.parent.glob(f".{db.name}.*.creating*"))
+
+
+def use_store(uri: str) -> str:
+    """Create an experiment and a run with a metric: what the track rule needs of a store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("after-kill"), run_name="r")
+    client.log_metric(run.info.run_id, "loss", 0.5, step=1)
+    return client.get_run(run.info.run_id).info.run_name
+
+
+def test_store_killed_while_being_created_leaves_nothing_that_breaks_the_next_run(tmp_path):
+    """kill -9 while MLflow migrates a new store (which, done in place, leaves a half-migrated
+    mlflow.db every later job fails on): no mlflow.db appears, only a temporary one, and the next
+    call removes that leftover and creates a complete store that works."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    code = f"from lorapipe.tracking import ensure_sqlite_store; ensure_sqlite_store({uri!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size > 0 for p in creations(db) if p.exists()):
+            assert proc.poll() is None, "the creating process ended before it was killed"
+            assert time.monotonic() < deadline, "no temporary store appeared"
+            time.sleep(0.01)
+        time.sleep(0.3)  # well inside the migrations (seconds), before the link
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not db.exists(), "a store killed midway must not be visible under its final name"
+    left = creations(db)
+    assert left, "the kill landed after the store was complete: nothing tested"
+
+    assert ensure_sqlite_store(uri) is True
+    assert creations(db) == [], "the dead process's temporary store is removed"
+    assert use_store(uri) == "r"
+    inode = db.stat().st_ino
+    assert ensure_sqlite_store(uri) is False and db.stat().st_ino == inode  # used as it is
+
+
+def test_leftover_temporary_stores_are_removed_only_when_dead_or_old(tmp_path):
+    db = tmp_path / "mlflow.db"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    host = socket.gethostname()
+    mine_dead = tmp_path / f".mlflow.db.{host}-{dead}.creating"
+    journal = tmp_path / f".mlflow.db.{host}-{dead}.creating-journal"
+    alive = tmp_path / f".mlflow.db.{host}-{os.getppid()}.creating"  # pytest's parent lives
+    other_new = tmp_path / ".mlflow.db.node17-4242.creating"  # another host: by age only
+    other_old = tmp_path / ".mlflow.db.node18-4242.creating"
+    for p in (mine_dead, journal, alive, other_new, other_old):
+        p.write_bytes(b"half a store")
+    os.utime(other_old, (time.time() - 7200, time.time() - 7200))
+    assert ensure_sqlite_store(f"sqlite:///{db}") is True
+    assert creations(db) == sorted([alive, other_new])
+    assert use_store(f"sqlite:///{db}") == "r"
+
+
+def test_an_empty_store_file_is_replaced_and_other_stores_are_left_alone(tmp_path):
+    db = tmp_path / "sub" / "mlflow.db"
+    db.parent.mkdir()
+    db.touch()
+    assert ensure_sqlite_store(f"sqlite:///{db}") is True and db.stat().st_size > 0
+    assert ensure_sqlite_store("http://127.0.0.1:9") is False
