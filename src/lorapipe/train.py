@@ -110,6 +110,26 @@ def _draw(sample: dict, seed: int, epoch: int, num_timesteps: int, noise_offset:
     return eps_latent, noise, t, drop
 
 
+def warmup_shapes(samples: list[dict], batches: list[list[int]]) -> list[list[int]]:
+    """One batch per distinct (batch, C, H, W) shape among ``batches``, in first-seen order.
+
+    Batch sizes per bucket do not depend on the shuffle, so one epoch's batches show every
+    shape training will meet: the shapes torch.compile is warmed up on.
+    """
+    seen: dict[tuple, list[int]] = {}
+    for b in batches:
+        if b:
+            seen.setdefault((len(b), *samples[b[0]]["mean"].shape), b)
+    return list(seen.values())
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile (Dynamo) has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and (p / "state.json").exists())
 
@@ -353,6 +373,48 @@ def _train(
             data_s += ds
         return loss_sum, data_s
 
+    def warm_up(forward) -> tuple[object, int]:
+        """Forward + backward once per batch shape before step 1, so compiling happens here and
+        not mid-run. Changes nothing the LoRA depends on: no optimizer step, gradients zeroed,
+        no per-sample draws (fixed timestep, mean latents), global RNG (LoRA dropout) restored.
+        Returns (forward to train with: eager if compiling failed, number of shapes)."""
+        shapes = warmup_shapes(samples, epoch_batches(samples, run.batch_size, run.seed, 0))
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if device == "cuda" else None
+        t_mid = noise_sched.config.num_train_timesteps // 2
+        try:
+            for batch in shapes:
+                z = torch.stack([samples[i]["mean"].float() * scaling for i in batch]).to(device)
+                cond = torch.stack([samples[i]["text"].float() for i in batch]).to(device)
+                timesteps = torch.full((len(batch),), t_mid, device=device, dtype=torch.long)
+                with autocast():
+                    pred = forward(z, timesteps, cond, return_dict=False)[0]
+                pred.float().pow(2).mean().backward()
+        except Exception as e:  # a failed compile must not lose the run
+            log.warning(
+                "torch.compile failed during warm-up (%s: %s); training without compile",
+                type(e).__name__, e,
+            )  # fmt: skip
+            forward = unet
+        opt.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        return forward, len(shapes)
+
+    warmup_s, warmup_passes, graphs_warmup, graphs_at_start = 0.0, 0, 0, 0
+    if forward is not unet:
+        graphs_at_start = _compiled_graphs()
+        tw = time.perf_counter()
+        forward, warmup_passes = warm_up(forward)
+        warmup_s = time.perf_counter() - tw
+        graphs_warmup = _compiled_graphs() - graphs_at_start
+        log.info(
+            "torch.compile warm-up: %d batch shape(s) in %.1f s, %d graph(s) compiled%s",
+            warmup_passes, warmup_s, graphs_warmup, "" if forward is not unet else " (failed)",
+        )  # fmt: skip
+    graphs_after_warmup = _compiled_graphs() if forward is not unet else 0
+
     t_loop = time.perf_counter()
     steps_at_loop_start = step
     step_times: list[float] = []
@@ -434,10 +496,16 @@ def _train(
     plot_loss(metrics, out_dir / "loss.png", run.name)
     steady = [m["images_per_s"] for m in metrics[steps_at_loop_start + 1 :]]
     compiled = forward is not unet
-    # Compile time: the first step (Inductor compiles forward and backward there) minus a
-    # steady step (the median of the later ones; with a single step, all of it counts).
+    # Compile time: warm-up plus the first step (Inductor compiles forward and backward there)
+    # minus what as many steady steps take (median of the later steps; with one step, all of
+    # it counts). Recompiles: graphs compiled after warm-up (0 when warm-up saw every shape).
     steady_step = _median(step_times[1:]) if len(step_times) > 1 else 0.0
-    compile_s = max(0.0, step_times[0] - steady_step) if compiled and step_times else 0.0
+    compile_s = 0.0
+    if compiled and step_times:
+        compile_s = max(0.0, warmup_s + step_times[0] - (warmup_passes + 1) * steady_step)
+    recompiles = _compiled_graphs() - graphs_after_warmup if compiled else 0
+    if recompiles:
+        log.warning("torch.compile recompiled %d time(s) after warm-up", recompiles)
     summary = {
         "steps": step,
         "epochs": plan.epochs,
@@ -446,6 +514,10 @@ def _train(
         "device": device,
         "compiled": compiled,
         "compile_s": compile_s,
+        "warmup_s": warmup_s,
+        "warmup_shapes": warmup_passes,
+        "warmup_graphs": graphs_warmup,
+        "recompiles": recompiles,
         "wall_s": time.perf_counter() - t_start,
         "images_per_s_steady": sum(steady) / len(steady) if steady else None,
         "samples": len(samples),

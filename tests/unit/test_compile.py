@@ -26,7 +26,7 @@ def test_compiled_training_exports_clean_keys(tmp_path, demo_images, tiny_model)
     caption_shard(
         demo_images, m, CaptionSettings("template", "a {trigger}", "x"), tmp_path / "cc", c
     )
-    # square crops: one bucket shape, so one compiled graph
+    # square crops: one bucket (batches of 4 and one smaller last batch)
     write_shard(
         demo_images,
         m,
@@ -48,6 +48,9 @@ def test_compiled_training_exports_clean_keys(tmp_path, demo_images, tiny_model)
         "c" * 64,
     )
     assert summary["compiled"] is True and summary["compile_s"] > 0
+    # every batch shape was compiled before step 1: no recompiles while training
+    assert summary["warmup_shapes"] >= 1 and summary["warmup_graphs"] >= 1
+    assert summary["warmup_s"] > 0 and summary["recompiles"] == 0
     with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and not any("_orig_mod" in k for k in keys)

@@ -397,3 +397,13 @@ def test_compile_failure_in_first_backward_redoes_the_step_eagerly(
     assert sha(tmp_path / "b" / "pytorch_lora_weights.safetensors") == sha(
         tmp_path / "e" / "pytorch_lora_weights.safetensors"
     )
+    # the same failure in the warm-up (which runs every batch shape first): eager from step 1
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "compile", BrokenCompile(fail_on=1))
+    s = train_mod.train(run_config(max_steps=3, gradient_accumulation=2, compile=True), latents,
+                        str(tiny_model), tmp_path / "w", tmp_path / "cw", "3" * 64)  # fmt: skip
+    assert s["compiled"] is False and s["warmup_shapes"] >= 1 and s["recompiles"] == 0
+    assert any("failed during warm-up" in r.getMessage() for r in caplog.records)
+    assert sha(tmp_path / "w" / "pytorch_lora_weights.safetensors") == sha(
+        tmp_path / "e" / "pytorch_lora_weights.safetensors"
+    )
