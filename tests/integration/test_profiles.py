@@ -1,0 +1,128 @@
+"""Snakemake profiles: they parse, and a dry run with `--profile profiles/slurm` (the real
+snakemake-executor-plugin-slurm, no sbatch) plans every job of the demo workflow with the threads,
+mem_mb, runtime and gpu each rule needs, and the plugin's partition selection sends GPU jobs to
+the GPU partition. `--profile profiles/local` plans the same jobs."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from wf import REPO, copy_workflow, snakemake
+
+PROFILES = REPO / "profiles"
+GPU_RULES = {"encode", "train", "sample", "sample_step"}
+# rules whose names are made in a loop (one per configured model/dataset) get default-resources
+LOOP_RULES = ("tiny_model_", "demo_data_")
+
+
+def static_rules() -> set[str]:
+    files = [REPO / "Snakefile", *(REPO / "rules").glob("*.smk")]
+    return set(re.findall(r"^rule (\w+):", "".join(p.read_text() for p in files), re.M))
+
+
+def test_profiles_parse_and_every_rule_has_its_resources():
+    default = yaml.safe_load((PROFILES / "default" / "config.yaml").read_text())
+    slurm = yaml.safe_load((PROFILES / "slurm" / "config.yaml").read_text())
+    local = yaml.safe_load((PROFILES / "local" / "config.yaml").read_text())
+    assert slurm["executor"] == "slurm" and local["executor"] == "local"
+    assert (PROFILES / "slurm" / slurm["slurm-partition-config"]).is_file()
+    # the workflow profile wins per top-level key: the cluster profile must not set the keys it
+    # sets (they would be silently ignored)
+    assert not set(slurm) & set(default) - {"rerun-triggers", "printshellcmds"}, set(slurm)
+    assert not set(local) & set(default)
+    for rule in static_rules() - {"all"}:
+        res = default["set-resources"].get(rule)
+        assert res and {"mem_mb", "runtime"} <= set(res), f"{rule}: no mem_mb/runtime"
+        assert (res.get("gpu", 0) > 0) == (rule in GPU_RULES), rule
+    assert {"mem_mb", "runtime", "slurm_account"} <= set(slurm["default-resources"])
+    assert "mlflow_db=1" in default["resources"]
+
+
+def planned(text: str) -> dict[str, list[dict]]:
+    """{rule: [{resource: value, "threads": n}, ...]} from a dry run's job blocks."""
+    jobs: dict[str, list[dict]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := re.match(r"^(?:local)?rule (\S+):$", line):
+            current = {"threads": 1}
+            jobs.setdefault(m.group(1), []).append(current)
+        elif current is not None and (m := re.match(r"^\s+threads: (\d+)$", line)):
+            current["threads"] = int(m.group(1))
+        elif current is not None and (m := re.match(r"^\s+resources: (.*)$", line)):
+            for item in m.group(1).split(", "):
+                k, _, v = item.partition("=")
+                current[k] = int(v) if v.isdigit() else v
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def demo_workdir(tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the workflow and a folder with the shipped demo config (a synthetic dataset and
+    the tiny model, both made by the workflow: nothing needs to exist for a dry run)."""
+    root = tmp_path_factory.mktemp("profiles")
+    code = copy_workflow(root / "code")
+    work = root / "work"
+    work.mkdir()
+    shutil.copy(REPO / "config" / "config.yaml", work / "cfg.yaml")
+    return code, work
+
+
+def dry_run(code: Path, work: Path, profile: str, *args: str) -> str:
+    out = snakemake(
+        work, "-n", "--profile", str(code / "profiles" / profile),
+        "--workflow-profile", str(code / "profiles" / "default"), *args, code=code,
+    )  # fmt: skip
+    return out.stdout + out.stderr
+
+
+def test_slurm_dry_run_plans_every_job_with_its_resources(demo_workdir):
+    code, work = demo_workdir
+    # --cores caps threads (a dry run defaults to 1); on the cluster each job gets its own
+    text = dry_run(code, work, "slurm", "--cores", "64")
+    assert "This was a dry-run" in text, text[-3000:]
+    jobs = planned(text)
+    for rule in ("manifest", "caption", "shard", "encode"):
+        assert len(jobs[rule]) == 4, rule  # per shard: spread over nodes
+    assert {r for r in jobs if not r.startswith(LOOP_RULES)} == static_rules(), sorted(jobs)
+    want = yaml.safe_load((PROFILES / "default" / "config.yaml").read_text())
+    threads = want["set-threads"]
+    for rule, blocks in jobs.items():
+        if rule == "all":
+            continue
+        expect = want["set-resources"].get(rule, {"mem_mb": 4000, "runtime": 30})
+        for job in blocks:
+            assert job["slurm_account"] == "myaccount", (rule, job)
+            for key in ("mem_mb", "runtime"):
+                assert job[key] == expect[key], (rule, key, job)
+            assert job.get("gpu", 0) == expect.get("gpu", 0), (rule, job)
+            assert job["threads"] == threads.get(rule, 1), (rule, job)
+    assert jobs["train"][0]["gpu"] == 1 and jobs["train"][0]["runtime"] == 720
+    assert jobs["track"][0]["mlflow_db"] == 1
+
+    # the plugin's own partition selection with profiles/slurm/partitions.yaml
+    from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+
+    partitions = read_partition_file(PROFILES / "slurm" / "partitions.yaml")
+    log = logging.getLogger("slurm-test")
+    for rule, blocks in jobs.items():
+        if rule == "all":
+            continue
+        job = SimpleNamespace(name=rule, threads=blocks[0]["threads"], resources=blocks[0])
+        got = get_best_partition(partitions, job, log)
+        assert got == ("gpu" if rule in GPU_RULES else "cpu"), (rule, got)
+
+
+def test_local_profile_plans_the_same_jobs(demo_workdir):
+    code, work = demo_workdir
+    text = dry_run(code, work, "local")
+    assert "This was a dry-run" in text, text[-3000:]
+    jobs = planned(text)
+    assert {r for r in jobs if not r.startswith(LOOP_RULES)} == static_rules()
+    assert "slurm_account" not in jobs["train"][0]
+    assert jobs["train"][0]["gpu"] == 1 and jobs["encode"][0]["mem_mb"] == 16000
