@@ -103,6 +103,9 @@ class RunConfig:
     save_steps: int | None
     mixed_precision: str
     compile: str | bool
+    optimizer: str
+    deterministic: bool
+    num_processes: int | str
     gradient_checkpointing: bool
     max_grad_norm: float
     weight_decay: float

@@ -14,6 +14,7 @@ and, at each checkpoint, both export layouts of that step in ``<checkpoints>/exp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -95,6 +96,72 @@ def resolve_compile(setting, device: str) -> bool:
     return device == "cuda" if setting == "auto" else bool(setting)
 
 
+def check_optimizer(run: RunConfig, device: str) -> None:
+    """Fail before training starts when the optimizer cannot run here (one line, naming the key)."""
+    if run.optimizer != "adamw8bit":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken CUDA setup raising at import
+        raise ValueError(
+            f"runs.{run.name}.optimizer: adamw8bit needs bitsandbytes, which does not import "
+            f"({type(e).__name__}: {e}); install it (CUDA only) or use optimizer: adamw"
+        ) from None
+    if device != "cuda":
+        raise ValueError(
+            f"runs.{run.name}.optimizer: adamw8bit needs a CUDA GPU (device here: {device}); "
+            "use optimizer: adamw"
+        )
+
+
+def make_optimizer(run: RunConfig, params: list):
+    """AdamW over the LoRA parameters: torch's, or bitsandbytes' 8-bit one (`check_optimizer`)."""
+    import torch
+
+    cls = torch.optim.AdamW
+    if run.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        cls = bitsandbytes.optim.AdamW8bit
+    return cls(
+        params,
+        lr=run.learning_rate,
+        betas=(run.adam_beta1, run.adam_beta2),
+        weight_decay=run.weight_decay,
+        eps=run.adam_epsilon,
+    )
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool, device: str):
+    """GPU determinism for the duration of a run (restored afterwards): deterministic algorithms
+    (ops without a deterministic kernel raise), cuBLAS workspace config, no cuDNN autotuning,
+    math SDPA. On CPU training is bit-exact already, so nothing changes there."""
+    if not enabled or device != "cuda":
+        yield
+        return
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # read by cuBLAS when its handle is created: before the first CUDA matmul of the process
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    cudnn = torch.backends.cudnn
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.benchmark,
+        cudnn.deterministic,
+    )
+    torch.use_deterministic_algorithms(True)
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.benchmark, cudnn.deterministic = before[2], before[3]
+
+
 def _draw(sample: dict, seed: int, epoch: int, num_timesteps: int, noise_offset: float):
     """The random numbers one sample gets in one epoch, from its own generator."""
     import torch
@@ -165,11 +232,15 @@ def train(
     Returns:
         Summary: steps, epochs, final loss, timings, samples, MLflow run id.
     """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        summary = _train(
-            run, latent_shards, model_path, out_dir, ckpt_dir, fingerprint, stop_after,
-            tracker, dict(export_meta or {}), original_config,
-        )  # fmt: skip
+        with deterministic_mode(run.deterministic, device):
+            summary = _train(
+                run, latent_shards, model_path, out_dir, ckpt_dir, fingerprint, stop_after,
+                tracker, dict(export_meta or {}), original_config,
+            )  # fmt: skip
     except BaseException as e:
         if tracker is not None:
             tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -200,6 +271,7 @@ def _train(
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if precision == "fp16" and device == "cpu":
         raise ValueError(f"runs.{run.name}.mixed_precision: fp16 needs a GPU; use bf16 or no")
+    check_optimizer(run, device)
 
     samples = load_latent_shards(latent_shards)
     if not samples:
@@ -235,13 +307,7 @@ def _train(
                 p.data = p.data.to(amp_dtype)
     unet.to(device).train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params,
-        lr=run.learning_rate,
-        betas=(run.adam_beta1, run.adam_beta2),
-        weight_decay=run.weight_decay,
-        eps=run.adam_epsilon,
-    )
+    opt = make_optimizer(run, params)
     sched = get_scheduler(
         run.lr_scheduler,
         optimizer=opt,

@@ -407,3 +407,25 @@ def test_compile_failure_in_first_backward_redoes_the_step_eagerly(
     assert sha(tmp_path / "w" / "pytorch_lora_weights.safetensors") == sha(
         tmp_path / "e" / "pytorch_lora_weights.safetensors"
     )
+
+
+def test_adamw8bit_without_bitsandbytes_or_cuda_fails_before_training(latents, tiny_model, tmp_path):
+    from lorapipe.train import train
+
+    with pytest.raises(ValueError, match=r"^runs\.demo\.optimizer: adamw8bit needs ") as e:
+        train(run_config(optimizer="adamw8bit"), latents, str(tiny_model), tmp_path / "o",
+              tmp_path / "c", "4" * 64)  # fmt: skip
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_deterministic_key_is_accepted_on_cpu_and_changes_nothing(latents, tiny_model, tmp_path):
+    from lorapipe.train import train
+
+    for name, det in (("a", False), ("b", True)):
+        s = train(run_config(max_steps=2, deterministic=det), latents, str(tiny_model),
+                  tmp_path / name, tmp_path / f"c{name}", "5" * 64)  # fmt: skip
+        assert s["steps"] == 2
+    assert sha(tmp_path / "a" / "pytorch_lora_weights.safetensors") == sha(
+        tmp_path / "b" / "pytorch_lora_weights.safetensors"
+    )
