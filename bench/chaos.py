@@ -47,8 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-COPY = ("Snakefile", "rules", "scripts", "src", "schemas", "envs", "profiles", "config")
+# One copy of the workflow-copying helpers: the integration tests' (tests/integration/wf.py).
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from wf import COPY, SNAKEMAKE, copy_workflow  # noqa: E402, F401
+
 EXCLUDE = (
     re.compile(r"^results/checkpoints/"),
     re.compile(r"^results/cache/scan/"),
@@ -90,16 +92,6 @@ def config(images_shards: int = 3) -> dict:
         },
         "runs": {"r1": {"dataset": "mine", "base_model": "tiny-sd"}},
     }
-
-
-def copy_workflow(dest: Path, src: Path = REPO) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in COPY:
-        if (src / name).is_dir():
-            shutil.copytree(src / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif (src / name).exists():
-            shutil.copy2(src / name, dest / name)
-    return dest
 
 
 def make_workdir(work: Path, data: Path, cfg: dict) -> Path:
