@@ -18,6 +18,7 @@ rule caption:
         root=get_root,
         settings=get_caption_settings,
         overrides=get_shard_overrides,
+        sidecars=get_shard_sidecar_stamp,
         cache="results/cache/captions",
         code=code_version("captions", "manifest", "io"),
         integrity=integrity_param("results/{dataset}/captions/{shard}.jsonl", workflow),

@@ -4,7 +4,7 @@ from lorapipe.io import integrity_param
 rule manifest:
     """Scan one shard: sha256, full decode, validation. Bad files are recorded, never fatal."""
     input:
-        images=get_shard_images,
+        images=get_shard_generated_images,
     output:
         jsonl="results/{dataset}/manifest/{shard}.jsonl",
         sha256="results/{dataset}/manifest/{shard}.jsonl.sha256",
@@ -15,6 +15,8 @@ rule manifest:
     params:
         root=get_root,
         files=get_shard_relpaths,
+        # the images are read but not declared (see rules/common.smk): this restales the shard
+        stamp=get_shard_stamp,
         settings=get_scan_settings,
         cache="results/cache/scan/{dataset}/{shard}.jsonl",
         code=code_version("images", "manifest", "io"),

@@ -8,7 +8,6 @@ rule shard:
         manifest_sha256="results/{dataset}/manifest/{shard}.jsonl.sha256",
         captions="results/{dataset}/captions/{shard}.jsonl",
         captions_sha256="results/{dataset}/captions/{shard}.jsonl.sha256",
-        images=get_shard_images,
     output:
         tar=ensure("results/{dataset}/shards/{shard}.tar", non_empty=True),
         index="results/{dataset}/shards/{shard}.jsonl",

@@ -10,7 +10,7 @@ from wf import copy_workflow, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
-RUN_STAGES = {"run_config", "train", "export", "sample", "track"}
+RUN_STAGES = {"run_config", "train", "export", "sample", "sample_steps", "track"}
 
 
 def config(lr: float = 1e-3) -> dict:
@@ -170,6 +170,30 @@ def test_adding_one_image_reruns_one_shard(wf):
     index = (shards / f"{new_shard}.jsonl").read_text()
     assert '"path": "zz_new.png"' in index
     assert planned_jobs(work, code) == {}
+
+
+def test_editing_a_sidecar_or_an_image_restales_only_its_shard(wf):
+    import os
+
+    code, work = wf
+    data = work / "data" / "mine"
+    for name, first in (("img_000.txt", "caption"), ("img_004.png", "manifest")):
+        path = data / name
+        blob, st = path.read_bytes(), path.stat()
+        if name.endswith(".txt"):
+            path.write_text("an edited caption")
+        else:
+            shutil.copy(data / "img_005.png", path)
+        try:
+            jobs = planned_jobs(work, code)
+        finally:
+            path.write_bytes(blob)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        stages = ("manifest", "caption", "shard", "encode")
+        want = dict.fromkeys(stages[stages.index(first) :], 1)
+        assert {k: v for k, v in jobs.items() if k in stages} == want, (name, jobs)
+        # same bytes, size and mtime again: nothing to do
+        assert planned_jobs(work, code) == {}
 
 
 def test_latent_cache_is_shared_per_model_resolution_and_dtype(wf):
