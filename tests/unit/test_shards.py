@@ -73,19 +73,21 @@ def test_tar_is_byte_identical_when_written_twice(dataset, tmp_path):
     assert (tmp_path / "a/0.jsonl").read_bytes() == (tmp_path / "b/0.jsonl").read_bytes()
 
 
-def test_members_are_png_and_json_per_sample_with_fixed_metadata(dataset, tmp_path):
-    """Each sample is <key>.json + <key>.png, in key order, with no owner/time leaking in."""
+def test_members_are_rgb_and_json_per_sample_with_fixed_metadata(dataset, tmp_path):
+    """Each sample is <key>.json + <key>.rgb, in key order, with no owner/time leaking in."""
     _, tar, index = write(dataset, tmp_path / "out")
     with tarfile.open(tar) as tf:
         members = [m for m in tf.getmembers() if m.isfile()]
         names = [m.name for m in members]
         keys = sorted(sample_key(p) for p in SIZES)
-        assert names == [f"{k}.{ext}" for k in keys for ext in ("json", "png")]
+        assert names == [f"{k}.{ext}" for k in keys for ext in ("json", "rgb")]
         assert {(m.mtime, m.uid, m.gid, m.uname) for m in members} == {(0, 0, 0, "lorapipe")}
-        pngs = {m.name[:-4]: tf.extractfile(m).read() for m in members if m.name.endswith(".png")}
+        pixels = {m.name[:-4]: tf.extractfile(m).read() for m in members if m.name.endswith(".rgb")}
     assert [x["key"] for x in index] == keys
     for x in index:
-        assert hashlib.sha256(pngs[x["key"]]).hexdigest() == x["png_sha256"]
+        assert hashlib.sha256(pixels[x["key"]]).hexdigest() == x["rgb_sha256"]
+        w, h = x["size"]
+        assert len(pixels[x["key"]]) == w * h * 3
 
 
 def test_read_samples_roundtrip_and_index_fields(dataset, tmp_path):
@@ -95,9 +97,9 @@ def test_read_samples_roundtrip_and_index_fields(dataset, tmp_path):
     samples = list(read_samples(tar))
     assert [k for k, _, _ in samples] == [x["key"] for x in index]
     for (key, img, meta), line in zip(samples, index, strict=True):
-        assert {"key", "path", "sha256", "caption", "size", "crop", "png_sha256"} <= set(line)
+        assert {"key", "path", "sha256", "caption", "size", "crop", "rgb_sha256"} <= set(line)
         assert key == line["key"] == sample_key(meta["path"])
-        assert meta == {k: v for k, v in line.items() if k not in ("key", "png_sha256")}
+        assert meta == {k: v for k, v in line.items() if k not in ("key", "rgb_sha256")}
         assert meta["sha256"] == manifest[meta["path"]]["sha256"]
         assert meta["caption"] == f"caption of {meta['path']}"
         assert meta["original_size"] == list(SIZES[meta["path"]])
@@ -131,7 +133,7 @@ def test_without_buckets_every_sample_is_square(dataset, tmp_path):
 
 
 def test_stored_pixels_are_the_resized_image(dataset, tmp_path):
-    """The stored PNG shows the source: top-left quadrant blue, bottom-right the base colour."""
+    """The stored image shows the source: top-left quadrant blue, bottom-right the base colour."""
     _, tar, _ = write(dataset, tmp_path / "out")
     for _, img, meta in read_samples(tar):
         w, h = img.size
@@ -186,8 +188,8 @@ def test_failed_rewrite_keeps_the_previous_tar(dataset, tmp_path):
     assert no_temp_files(out)
 
 
-def test_png_bytes_do_not_depend_on_source_format_metadata(tmp_path):
-    """The stored PNG carries pixels only: same pixels with different EXIF/text → same sample."""
+def test_stored_bytes_do_not_depend_on_source_format_metadata(tmp_path):
+    """The stored image carries pixels only: same pixels with different EXIF/text → same sample."""
     shas = []
     for i, extra in enumerate(({}, {"pnginfo": _text_chunk("made by a camera")})):
         root = tmp_path / f"d{i}"
@@ -199,7 +201,7 @@ def test_png_bytes_do_not_depend_on_source_format_metadata(tmp_path):
         captions.write_text(json.dumps({"path": "x.png", "caption": "c", "sha256": rec["sha256"],
                                         "source": "edit"}) + "\n")
         write_shard(root, manifest, captions, SHARD, tmp_path / f"o{i}.tar", tmp_path / f"o{i}.j")
-        shas.append(read_jsonl(tmp_path / f"o{i}.j")[0]["png_sha256"])
+        shas.append(read_jsonl(tmp_path / f"o{i}.j")[0]["rgb_sha256"])
     assert shas[0] == shas[1]
 
 
@@ -227,10 +229,33 @@ def test_index_is_valid_utf8_jsonl(dataset, tmp_path):
     assert all(json.loads(line)["path"] for line in text.splitlines())
 
 
-def test_read_samples_of_png_bytes_matches_pillow(dataset, tmp_path):
-    """Decoding the stored PNG with Pillow gives the same pixels read_samples yields."""
+def test_stored_rgb_is_the_resized_image_and_old_png_shards_still_read(dataset, tmp_path):
+    """The .rgb member is exactly resize_crop's output; a shard with .png members reads too."""
+    import webdataset as wds
+
+    from lorapipe.images import load_rgb, nearest_bucket, resize_crop
+
+    root = dataset[0]
     _, tar, _ = write(dataset, tmp_path / "out")
     with tarfile.open(tar) as tf:
-        raw = {m.name[:-4]: tf.extractfile(m).read() for m in tf if m.name.endswith(".png")}
-    for key, img, _ in read_samples(tar):
-        assert Image.open(io.BytesIO(raw[key])).convert("RGB").tobytes() == img.tobytes()
+        raw = {m.name[:-4]: tf.extractfile(m).read() for m in tf if m.name.endswith(".rgb")}
+    samples = list(read_samples(tar))
+    for key, img, meta in samples:
+        src = load_rgb((root / meta["path"]).read_bytes(), max_pixels=10**7)
+        want, _ = resize_crop(src, nearest_bucket(*src.size, make_buckets(RES, STEP)))
+        assert raw[key] == img.tobytes() == want.tobytes()
+    old = tmp_path / "old.tar"
+    with open(old, "wb") as fh, wds.TarWriter(fh) as w:
+        for key, img, meta in samples:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            w.write({"__key__": key, "png": buf.getvalue(), "json": json.dumps(meta)})
+    assert [(k, i.tobytes(), m) for k, i, m in read_samples(old)] == [
+        (k, i.tobytes(), m) for k, i, m in samples
+    ]
+    bad = tmp_path / "bad.tar"
+    key, img, meta = samples[0]
+    with open(bad, "wb") as fh, wds.TarWriter(fh) as w:
+        w.write({"__key__": key, "rgb": img.tobytes()[:-3], "json": json.dumps(meta)})
+    with pytest.raises(ValueError, match=rf"bad\.tar: sample {key}: .* bytes of pixels"):
+        list(read_samples(bad))
