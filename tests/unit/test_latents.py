@@ -125,3 +125,18 @@ def test_shards_of_different_text_encoders_are_refused(encoded, image_shard, tmp
     encode_shard(image_shard, other_model, other, batch_size=4)
     with pytest.raises(CorruptFileError, match="empty-prompt"):
         load_latent_cache([str(encoded), str(other)])
+
+
+def test_a_shard_without_empty_prompt_loads_with_none(encoded, tmp_path):
+    """Latent shards written before the empty prompt was stored still load."""
+    import tarfile
+
+    old = tmp_path / "old.tar"
+    with tarfile.open(encoded) as src, tarfile.open(old, "w") as dst:
+        for m in src.getmembers():
+            if not m.name.startswith("__empty__"):
+                dst.addfile(m, src.extractfile(m))
+    from lorapipe.latents import load_latent_cache, load_latent_shards
+
+    samples, empty = load_latent_cache([str(old)])
+    assert empty is None and len(samples) == len(load_latent_shards([str(encoded)]))
