@@ -15,6 +15,7 @@ include: "rules/caption.smk"
 include: "rules/shard.smk"
 include: "rules/encode.smk"
 include: "rules/train.smk"
+include: "rules/sample_steps.smk"
 include: "rules/track.smk"
 
 

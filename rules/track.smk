@@ -8,6 +8,7 @@ rule track:
         samples="results/runs/{run}/samples.png",
         loss="results/runs/{run}/loss.png",
         summary="results/runs/{run}/train_summary.json",
+        step_samples="results/runs/{run}/samples",
     output:
         "results/runs/{run}/mlflow.json",
     log:

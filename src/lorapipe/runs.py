@@ -161,4 +161,6 @@ def track_run(inputs, uri: str | None, experiment: str, out_json: str) -> str:
         uri=tracking_uri(uri, os.getcwd()), config=run_params(doc), metrics_jsonl=inputs.metrics,
         artifacts=[str(a) for a in artifacts], tags=tags, out_json=out_json,
         run_id=summary.get("mlflow_run_id"), dataset=dataset,
+        artifact_dirs={"samples": str(inputs.step_samples)} if "step_samples" in inputs.keys()
+        else None,  # the sample grid of each saved step (rule sample_steps)
     )  # fmt: skip

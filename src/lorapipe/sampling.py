@@ -1,11 +1,77 @@
-"""Sample images for fixed prompts and seeds, with the base model and with the trained LoRA."""
+"""Sample images for fixed prompts and seeds, with the base model and with the trained LoRA.
+
+A grid has one column per prompt: the top row is the base model, the bottom row base + LoRA,
+each image drawn from a CPU generator seeded ``seed + column``. `render_samples` makes the final
+grid of a run (samples.png); `render_step_grids` one grid per saved checkpoint, from the exports
+training writes at each save_steps, loading the base model once for all of them.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 from pathlib import Path
 
 from .io import atomic_path
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step-(\d{6})$")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class _Sampler:
+    """One pipeline, loaded once; rows of images for the prompts, with or without a LoRA."""
+
+    def __init__(self, model_path, prompts, steps, size, seed, original_config=None):
+        import torch
+
+        from .models import load_pipeline
+
+        self.prompts = list(prompts) or ["a photo"]
+        self.steps, self.size, self.seed = steps, size, seed
+        self.pipe = load_pipeline(model_path, original_config)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe.to(device).set_progress_bar_config(disable=True)
+        self._torch = torch
+
+    def row(self) -> list:
+        out = []
+        for i, prompt in enumerate(self.prompts):
+            g = self._torch.Generator("cpu").manual_seed(self.seed + i)
+            image = self.pipe(
+                prompt,
+                num_inference_steps=self.steps,
+                height=self.size,
+                width=self.size,
+                generator=g,
+            )
+            out.append(image.images[0])
+        return out
+
+    def base_row_of(self, grid_png: str | os.PathLike) -> list | None:
+        """The top row of a grid this sampler would draw (samples.png: same prompts, seeds,
+        size and steps), cut out of its PNG; None when its shape does not fit."""
+        from PIL import Image
+
+        with Image.open(grid_png) as im:
+            im = im.convert("RGB")
+        n, size = len(self.prompts), self.size
+        if im.size != (size * n, size * 2):
+            return None
+        return [im.crop((i * size, 0, (i + 1) * size, size)) for i in range(n)]
+
+    def grid(self, base: list, tuned: list, out_png: str | os.PathLike) -> None:
+        from PIL import Image
+
+        size = self.size
+        grid = Image.new("RGB", (size * len(base), size * 2), "white")
+        for i, (a, b) in enumerate(zip(base, tuned, strict=True)):
+            grid.paste(a, (i * size, 0))
+            grid.paste(b, (i * size, size))
+        with atomic_path(out_png) as tmp:
+            grid.save(tmp, format="PNG")
 
 
 def render_samples(
@@ -22,30 +88,71 @@ def render_samples(
 
     ``original_config``: for a single-file checkpoint, the local diffusers folder describing it.
     """
-    import torch
-    from PIL import Image
+    s = _Sampler(model_path, prompts, steps, size, seed, original_config)
+    base = s.row()
+    s.pipe.load_lora_weights(str(Path(lora_dir)))
+    s.grid(base, s.row(), out_png)
 
-    from .models import load_pipeline
 
-    prompts = prompts or ["a photo"]
-    pipe = load_pipeline(model_path, original_config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe.to(device).set_progress_bar_config(disable=True)
+def exports_dir(checkpoints: str | os.PathLike, fingerprint: str) -> Path:
+    """Where training writes the exports of each saved step of a run (see `train.train`)."""
+    return Path(checkpoints) / fingerprint[:16] / "exports"
 
-    def row():
-        out = []
-        for i, prompt in enumerate(prompts):
-            g = torch.Generator("cpu").manual_seed(seed + i)
-            image = pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=g)
-            out.append(image.images[0])
-        return out
 
-    base = row()
-    pipe.load_lora_weights(str(Path(lora_dir)))
-    tuned = row()
-    grid = Image.new("RGB", (size * len(prompts), size * 2), "white")
-    for i, (a, b) in enumerate(zip(base, tuned, strict=True)):
-        grid.paste(a, (i * size, 0))
-        grid.paste(b, (i * size, size))
-    with atomic_path(out_png) as tmp:
-        grid.save(tmp, format="PNG")
+def saved_steps(exports_dir: str | os.PathLike) -> dict[int, Path]:
+    """``{step: folder}`` of the complete exports in ``exports_dir`` (training writes each in a
+    hidden temporary folder and renames it, so a listed ``step-NNNNNN`` is complete)."""
+    root = Path(exports_dir)
+    if not root.is_dir():
+        return {}
+    found = {}
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / LORA_FILE).is_file():
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def render_step_grids(
+    model_path: str,
+    exports_dir: str | os.PathLike,
+    prompts: list[str],
+    out_dir: str | os.PathLike,
+    final_png: str | os.PathLike,
+    final_step: int,
+    steps: int = 20,
+    size: int = 512,
+    seed: int = 0,
+    original_config: str | None = None,
+) -> list[Path]:
+    """``out_dir/step-NNNNNN.png`` for each saved step in ``exports_dir`` (the grid of
+    `render_samples` with that step's LoRA), and the final grid ``final_png`` (samples.png,
+    already rendered) copied in as the final step's. The base row is the top row of
+    ``final_png`` (the same prompts, seeds and settings draw it): only the LoRA rows are drawn.
+
+    Returns the PNGs written, in step order.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = {k: v for k, v in saved_steps(exports_dir).items() if k < final_step}
+    written = []
+    if todo:
+        s = _Sampler(model_path, prompts, steps, size, seed, original_config)
+        base = s.base_row_of(final_png)
+        if base is None:
+            log.warning("%s does not fit %d prompts at %d px: drawing the base row", final_png,
+                        len(s.prompts), size)  # fmt: skip
+            base = s.row()
+        for step, folder in todo.items():
+            s.pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
+            png = out_dir / f"step-{step:06d}.png"
+            s.grid(base, s.row(), png)
+            s.pipe.unload_lora_weights()  # back to the base model for the next step
+            written.append(png)
+            log.info("step %d: %s", step, png)
+    else:
+        log.info("no saved steps in %s: only the final grid", exports_dir)
+    final = out_dir / f"step-{final_step:06d}.png"
+    with atomic_path(final) as tmp:
+        shutil.copyfile(final_png, tmp)
+    return [*written, final]

@@ -303,6 +303,7 @@ def log_run(
     out_json: str | os.PathLike,
     run_id: str | None = None,
     dataset=None,
+    artifact_dirs: dict[str, str] | None = None,
 ) -> str:
     """Log one finished run; reuse the MLflow run of the same fingerprint if one exists.
 
@@ -315,6 +316,8 @@ def log_run(
             when it exists in this store with this fingerprint, else the run is found by
             fingerprint (or created).
         dataset: an MLflow ``DatasetInput`` (see `dataset_input`), logged once per run.
+        artifact_dirs: ``{artifact path: local folder}``: each folder's files (not hidden ones)
+            logged under that path (``{"samples": ".../samples"}``: the per-step sample grids).
 
     Returns:
         The MLflow run id (also written to ``out_json`` with the URI and experiment id).
@@ -370,6 +373,13 @@ def log_run(
                 client.log_artifact(run_id, a)
             else:
                 log.warning("MLflow run %s: artifact %s does not exist, not logged", run_id, a)
+        for name, folder in (artifact_dirs or {}).items():
+            if not Path(folder).is_dir():
+                log.warning("MLflow run %s: folder %s does not exist, not logged", run_id, folder)
+                continue
+            for f in sorted(Path(folder).iterdir()):  # not hidden ones (.snakemake_timestamp)
+                if f.is_file() and not f.name.startswith("."):
+                    client.log_artifact(run_id, str(f), artifact_path=name)
     except BaseException:
         with contextlib.suppress(Exception):  # keep the original error, not a second one
             client.set_terminated(run_id, status="FAILED")

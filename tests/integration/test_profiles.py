@@ -16,7 +16,7 @@ import yaml
 from wf import REPO, copy_workflow, snakemake
 
 PROFILES = REPO / "profiles"
-GPU_RULES = {"encode", "train", "sample", "sample_step"}
+GPU_RULES = {"encode", "train", "sample", "sample_steps"}
 # rules whose names are made in a loop (one per configured model/dataset) get default-resources
 LOOP_RULES = ("tiny_model_", "demo_data_")
 

@@ -130,7 +130,8 @@ def test_unreachable_server_never_blocks(caplog, monkeypatch):
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
 
 
-def test_log_run_uses_the_live_run_and_logs_the_dataset_once(tmp_path):
+def test_log_run_uses_the_live_run_and_logs_the_dataset_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the store's artifact root is ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     t = tracker(uri)
     t.start()
@@ -153,6 +154,11 @@ def test_log_run_uses_the_live_run_and_logs_the_dataset_once(tmp_path):
         artifacts=[], tags={"lorapipe.fingerprint": FP}, run_id=live_id,
         dataset=dataset_input(ds, digest, samples=40),
     )  # fmt: skip
+    grids = tmp_path / "samples"  # the per-step sample grids (rule sample_steps)
+    grids.mkdir()
+    (grids / "step-000002.png").write_bytes(b"png")
+    (grids / ".snakemake_timestamp").touch()  # Snakemake's, in every directory output
+    kw["artifact_dirs"] = {"samples": str(grids)}
     assert log_run(out_json=tmp_path / "a.json", **kw) == live_id
     assert log_run(out_json=tmp_path / "b.json", **kw) == live_id  # idempotent
     assert steps(uri, live_id) == [1, 2, 3, 4, 5]
@@ -165,3 +171,4 @@ def test_log_run_uses_the_live_run_and_logs_the_dataset_once(tmp_path):
     tags = {x.key: x.value for x in inputs[0].tags}
     assert tags == {"mlflow.data.context": "training", "lorapipe.dataset_manifest_hash": digest}
     assert Path(tmp_path / "a.json").exists()
+    assert [a.path for a in c.list_artifacts(live_id, "samples")] == ["samples/step-000002.png"]
