@@ -69,11 +69,12 @@ def epoch_batches(samples: list[dict], batch_size: int, seed: int, epoch: int) -
     return [batches[j] for j in order]
 
 
-def make_plan(samples: list[dict], run: RunConfig) -> Plan:
+def make_plan(samples: list[dict], run: RunConfig, world: int = 1) -> Plan:
+    """Steps of a run; with ``world`` processes a batch is ``batch_size x world`` images."""
     by_size: dict[tuple, int] = {}
     for s in samples:
         by_size[tuple(s["meta"]["size"])] = by_size.get(tuple(s["meta"]["size"]), 0) + 1
-    batches = sum(math.ceil(n / run.batch_size) for n in by_size.values())
+    batches = sum(math.ceil(n / (run.batch_size * world)) for n in by_size.values())
     spe = math.ceil(batches / run.gradient_accumulation)
     total = run.max_steps or spe * run.epochs
     epochs = math.ceil(total / spe)
@@ -234,14 +235,28 @@ def train(
     """
     import torch
 
+    from . import distributed
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = {  # what the other ranks need to train the same run (num_processes > 1)
+        "run": run.to_dict(), "latent_shards": [str(x) for x in latent_shards],
+        "model_path": str(model_path), "out_dir": str(out_dir), "ckpt_dir": str(ckpt_dir),
+        "fingerprint": fingerprint, "stop_after": stop_after, "original_config": original_config,
+    }  # fmt: skip
+    dist = None
     try:
+        dist = distributed.start(run, device, spec)
+        if not dist.main:
+            tracker = None
         with deterministic_mode(run.deterministic, device):
             summary = _train(
                 run, latent_shards, model_path, out_dir, ckpt_dir, fingerprint, stop_after,
-                tracker, dict(export_meta or {}), original_config,
+                tracker, dict(export_meta or {}), original_config, dist,
             )  # fmt: skip
+        distributed.finish(dist, ok=True)
     except BaseException as e:
+        if dist is not None:
+            distributed.finish(dist, ok=False)
         if tracker is not None:
             tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
@@ -252,7 +267,7 @@ def train(
 
 def _train(
     run, latent_shards, model_path, out_dir, ckpt_dir, fingerprint, stop_after, tracker,
-    export_meta, original_config=None,
+    export_meta, original_config=None, dist=None,
 ) -> dict:
     import torch
     from diffusers.optimization import get_scheduler
@@ -260,23 +275,31 @@ def _train(
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from . import distributed
     from .export import export_checkpoint, save_diffusers_lora, tag_counts
     from .latents import load_latent_shards
     from .models import adapter_metadata, load_parts, lora_config, vae_scaling_factor
 
     t_start = time.perf_counter()
-    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir) / fingerprint[:16]
+    dist = dist or distributed.Dist()
+    rank, world = dist.rank, dist.world
+    # a run trained by N processes has other steps than the same run on one: its own folder
+    ckpt_name = fingerprint[:16] + (f"-x{world}" if world > 1 else "")
+    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir) / ckpt_name
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device("cuda", dist.local_rank) if device == "cuda" else torch.device("cpu")
     precision = resolve_precision(run.mixed_precision, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if precision == "fp16" and device == "cpu":
         raise ValueError(f"runs.{run.name}.mixed_precision: fp16 needs a GPU; use bf16 or no")
     check_optimizer(run, device)
 
-    samples = load_latent_shards(latent_shards)
+    with distributed.reading_alone():
+        samples = load_latent_shards(latent_shards)
     if not samples:
         raise ValueError(f"run {run.name}: no training samples in {len(latent_shards)} shard(s)")
-    plan = make_plan(samples, run)
+    distributed.connect(dist)
+    plan = make_plan(samples, run, world)
 
     parts = load_parts(
         model_path, ("unet", "scheduler", "vae", "text_encoder", "tokenizer"), original_config
@@ -305,7 +328,7 @@ def _train(
         for p in unet.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(amp_dtype)
-    unet.to(device).train()
+    unet.to(dev).train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = make_optimizer(run, params)
     sched = get_scheduler(
@@ -321,8 +344,8 @@ def _train(
     if ckpts:
         last = ckpts[-1]
         state = json.loads((last / "state.json").read_text())
-        set_peft_model_state_dict(unet, load_file(last / "lora.safetensors", device=device))
-        opt_state = torch.load(last / "optimizer.pt", weights_only=True, map_location=device)
+        set_peft_model_state_dict(unet, load_file(last / "lora.safetensors", device=str(dev)))
+        opt_state = torch.load(last / "optimizer.pt", weights_only=True, map_location=dev)
         opt.load_state_dict(opt_state)
         sched.load_state_dict(state["lr_scheduler"])
         if state.get("scaler"):
@@ -330,6 +353,8 @@ def _train(
         step = state["step"]
         metrics = [json.loads(x) for x in (last / "metrics.jsonl").read_text().splitlines() if x]
         log.info("resumed from %s (step %d/%d)", last, step, plan.total_steps)
+    if world > 1:
+        distributed.broadcast_params(params)
     if tracker is not None:  # creates or continues the MLflow run; sends the restored history
         tracker.start(backlog=metrics, resumed_step=step)
     export_meta["lorapipe_fingerprint"] = fingerprint
@@ -383,6 +408,10 @@ def _train(
         run.name, len(samples), plan.total_steps, plan.epochs, plan.steps_per_epoch,
         precision, device, forward is not unet,
     )
+    if world > 1:
+        log.info("data-parallel: %d processes, global batch %d (%d per process)",
+                 world, run.batch_size * world, run.batch_size)  # fmt: skip
+
     def micro_step(batch: list[int], epoch: int, n_images: int, forward) -> tuple[float, float]:
         """Data, forward, loss and backward of one micro-batch: (loss, seconds preparing data)."""
         td = time.perf_counter()
@@ -397,10 +426,10 @@ def _train(
             noise.append(nz)
             ts.append(t)
             text.append(empty_text if drop < run.caption_dropout else s["text"].float())
-        latents = torch.stack(lat).to(device)
-        noise_t = torch.stack(noise).to(device)
-        timesteps = torch.tensor(ts, device=device, dtype=torch.long)
-        cond = torch.stack(text).to(device)
+        latents = torch.stack(lat).to(dev)
+        noise_t = torch.stack(noise).to(dev)
+        timesteps = torch.tensor(ts, device=dev, dtype=torch.long)
+        cond = torch.stack(text).to(dev)
         noisy = noise_sched.add_noise(latents, noise_t, timesteps)
         if prediction == "epsilon":
             target = noise_t
@@ -418,13 +447,19 @@ def _train(
             per_sample = per_sample * w
         loss = per_sample.mean() * len(batch) / n_images
         if not torch.isfinite(loss) and not scaler.is_enabled():
-            paths = [samples[i]["meta"]["path"] for i in batch]
-            raise FloatingPointError(
-                f"run {run.name}: non-finite loss at step {step + 1} (samples: {paths}); "
-                f"last good checkpoint kept in {ckpt_dir}"
-            )
+            bad.extend(samples[i]["meta"]["path"] for i in batch)
+            if world == 1:
+                raise_nonfinite(bad)
+            return float("nan"), data_s  # all ranks raise together, after the all-reduce
         scaler.scale(loss).backward()
         return float(loss.detach()), data_s
+
+    def raise_nonfinite(paths):
+        where = f"samples: {paths}" if paths else "samples: on another process"
+        raise FloatingPointError(
+            f"run {run.name}: non-finite loss at step {step + 1} ({where}); "
+            f"last good checkpoint kept in {ckpt_dir}"
+        )
 
     def autocast():
         return torch.autocast(
@@ -432,8 +467,13 @@ def _train(
         )
 
     def forward_backward(micro, epoch, n_images, forward) -> tuple[float, float]:
+        """This rank's share of one optimizer step: its slice of each global micro-batch."""
         loss_sum, data_s = 0.0, 0.0
-        for batch in micro:
+        bad.clear()
+        for global_batch in micro:
+            batch = global_batch[rank::world]
+            if not batch:  # a last batch smaller than the number of processes
+                continue
             loss, ds = micro_step(batch, epoch, n_images, forward)
             loss_sum += loss
             data_s += ds
@@ -444,15 +484,16 @@ def _train(
         not mid-run. Changes nothing the LoRA depends on: no optimizer step, gradients zeroed,
         no per-sample draws (fixed timestep, mean latents), global RNG (LoRA dropout) restored.
         Returns (forward to train with: eager if compiling failed, number of shapes)."""
-        shapes = warmup_shapes(samples, epoch_batches(samples, run.batch_size, run.seed, 0))
+        global_batches = epoch_batches(samples, run.batch_size * world, run.seed, 0)
+        shapes = warmup_shapes(samples, [b[rank::world] for b in global_batches])
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if device == "cuda" else None
         t_mid = noise_sched.config.num_train_timesteps // 2
         try:
             for batch in shapes:
-                z = torch.stack([samples[i]["mean"].float() * scaling for i in batch]).to(device)
-                cond = torch.stack([samples[i]["text"].float() for i in batch]).to(device)
-                timesteps = torch.full((len(batch),), t_mid, device=device, dtype=torch.long)
+                z = torch.stack([samples[i]["mean"].float() * scaling for i in batch]).to(dev)
+                cond = torch.stack([samples[i]["text"].float() for i in batch]).to(dev)
+                timesteps = torch.full((len(batch),), t_mid, device=dev, dtype=torch.long)
                 with autocast():
                     pred = forward(z, timesteps, cond, return_dict=False)[0]
                 pred.float().pow(2).mean().backward()
@@ -481,12 +522,13 @@ def _train(
         )  # fmt: skip
     graphs_after_warmup = _compiled_graphs() if forward is not unet else 0
 
+    bad: list[str] = []  # samples of this rank with a non-finite loss in the current step
     t_loop = time.perf_counter()
     steps_at_loop_start = step
     step_times: list[float] = []
     while step < plan.total_steps:
         epoch, local = divmod(step, plan.steps_per_epoch)
-        batches = epoch_batches(samples, run.batch_size, run.seed, epoch)
+        batches = epoch_batches(samples, run.batch_size * world, run.seed, epoch)
         micro = batches[local * run.gradient_accumulation : (local + 1) * run.gradient_accumulation]
         t0 = time.perf_counter()
         n_images = sum(len(b) for b in micro)
@@ -509,6 +551,11 @@ def _train(
                 forward = unet
                 loss_sum, data_s = forward_backward(micro, epoch, n_images, forward)
             compile_checked = True
+        if world > 1:  # sum the LoRA gradients and the loss over ranks: every rank steps alike
+            distributed.all_reduce_grads(params)
+            loss_sum, n_bad = distributed.all_reduce_floats([loss_sum, len(bad)], dev)
+            if n_bad:
+                raise_nonfinite(bad)
         scaler.unscale_(opt)
         if run.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
@@ -540,15 +587,18 @@ def _train(
             tracker.log(m)
         done = step - steps_at_loop_start
         eta = (time.perf_counter() - t_loop) / done * (plan.total_steps - step)
-        log.info(
+        (log.info if dist.main else log.debug)(
             "Epoch %d/%d | Step %d/%d | Loss %.4f | LR %.2e | %.1f img/s | data %.0f%% | ETA %s",
             epoch + 1, plan.epochs, step, plan.total_steps, loss_sum, m["lr"],
             m["images_per_s"], 100 * m["data_wait"], _fmt_eta(eta),
         )
-        if step % plan.save_steps == 0 and step < plan.total_steps:
+        if step % plan.save_steps == 0 and step < plan.total_steps and dist.main:
             save_checkpoint()
         if stop_after is not None and step >= stop_after:
             return {"stopped_at": step}
+
+    if not dist.main:  # rank 0 writes every file
+        return {"steps": step, "rank": rank}
 
     if tracker is not None:  # every step sent (or given up on) before the run id is written down
         tracker.flush()
@@ -587,6 +637,7 @@ def _train(
         "wall_s": time.perf_counter() - t_start,
         "images_per_s_steady": sum(steady) / len(steady) if steady else None,
         "samples": len(samples),
+        "processes": world,
         "mlflow_run_id": trace.get("lorapipe_mlflow_run_id"),
     }
     atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=1))
