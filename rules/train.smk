@@ -1,3 +1,30 @@
+def get_run_latent_sidecars(wildcards):
+    """The latent shards' checksum sidecars: training verifies each shard against its own."""
+    return [f"{tar}.sha256" for tar in get_run_latents(wildcards)]
+
+
+def train_processes(wildcards):
+    """num_processes as an int; `auto` (one per GPU the job gets) counts as 1 at parse time."""
+    n = RUNS[wildcards.run].num_processes
+    return n if isinstance(n, int) else 1
+
+
+def get_train_threads(wildcards):
+    return 2 * train_processes(wildcards)
+
+
+def get_train_mem_mb(wildcards):
+    return 8000 * train_processes(wildcards)
+
+
+def get_train_gpus(wildcards):
+    """GPUs to reserve: num_processes when > 1 (data-parallel on GPUs), else 0. One GPU for a
+    single process, or `auto`, is a command-line setting: --set-resources train:gpu=N.
+    """
+    n = train_processes(wildcards)
+    return n if n > 1 else 0
+
+
 rule run_config:
     """The resolved config of a run and its fingerprint (config + data + model + code)."""
     input:
@@ -12,7 +39,9 @@ rule run_config:
     params:
         run=get_run_settings,
         context=get_run_context,
-        code=code_version("train", "models", "latents", "config", "runs", "io"),
+        code=code_version(
+            "train", "distributed", "models", "latents", "config", "runs", "io"
+        ),
     script:
         "../scripts/run_config.py"
 
@@ -24,6 +53,7 @@ rule train:
     input:
         config="results/runs/{run}/config.yaml",
         latents=get_run_latents,
+        latents_sha256=get_run_latent_sidecars,
         model=get_run_model_files,
     output:
         lora="results/runs/{run}/pytorch_lora_weights.safetensors",
@@ -42,10 +72,12 @@ rule train:
         "benchmarks/train/{run}.tsv"
     conda:
         ENV
-    threads: 2
+    # num_processes > 1: that many processes share the job's threads (the default profile's
+    # set-threads wins over this; raise it with --set-threads train=N) and its GPUs.
+    threads: get_train_threads
     resources:
-        mem_mb=8000,
-        gpu=0,
+        mem_mb=get_train_mem_mb,
+        gpu=get_train_gpus,
     params:
         model_path=get_run_model_path,
         checkpoints="results/checkpoints/{run}",
@@ -57,7 +89,15 @@ rule train:
             for k in ("live", "live_every_steps", "live_every_s")
         },
         code=code_version(
-            "train", "models", "latents", "config", "io", "export", "runs", "tracking"
+            "train",
+            "distributed",
+            "models",
+            "latents",
+            "config",
+            "io",
+            "export",
+            "runs",
+            "tracking",
         ),
     script:
         "../scripts/train.py"
