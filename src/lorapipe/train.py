@@ -319,7 +319,7 @@ def _train(
         )
 
     unet.requires_grad_(False)
-    torch.manual_seed(run.seed)  # LoRA init (gaussian A) is the only use of global RNG
+    torch.manual_seed(run.seed)  # global RNG: LoRA init (gaussian A); dropout reseeds per step
     cfg = lora_config(run.lora_rank, run.lora_alpha, run.target_modules, run.lora_dropout)
     unet.add_adapter(cfg)
     if run.gradient_checkpointing:
@@ -532,6 +532,9 @@ def _train(
         micro = batches[local * run.gradient_accumulation : (local + 1) * run.gradient_accumulation]
         t0 = time.perf_counter()
         n_images = sum(len(b) for b in micro)
+        if run.lora_dropout:  # LoRA dropout draws from global RNG: seed it per step (and rank),
+            # so a resumed run draws the masks an uninterrupted one drew
+            torch.manual_seed(_seed_of(run.seed, "dropout", step, rank))
         if compile_checked:
             loss_sum, data_s = forward_backward(micro, epoch, n_images, forward)
         else:  # Inductor compiles the forward here and the backward at the first backward():

@@ -409,7 +409,7 @@ def test_compile_failure_in_first_backward_redoes_the_step_eagerly(
     )
 
 
-def test_adamw8bit_without_bitsandbytes_or_cuda_fails_before_training(latents, tiny_model, tmp_path):
+def test_adamw8bit_without_bitsandbytes_or_cuda_fails_early(latents, tiny_model, tmp_path):
     from lorapipe.train import train
 
     with pytest.raises(ValueError, match=r"^runs\.demo\.optimizer: adamw8bit needs ") as e:
@@ -428,4 +428,18 @@ def test_deterministic_key_is_accepted_on_cpu_and_changes_nothing(latents, tiny_
         assert s["steps"] == 2
     assert sha(tmp_path / "a" / "pytorch_lora_weights.safetensors") == sha(
         tmp_path / "b" / "pytorch_lora_weights.safetensors"
+    )
+
+
+def test_resume_with_lora_dropout_is_bit_exact(latents, tiny_model, tmp_path):
+    """LoRA dropout draws from global RNG, which checkpoints do not hold: it is seeded per step."""
+    from lorapipe.train import train
+
+    run = run_config(max_steps=4, save_steps=2, lora_dropout=0.5)
+    train(run, latents, str(tiny_model), tmp_path / "ref", tmp_path / "cref", "8" * 64)
+    ck = tmp_path / "ck"
+    train(run, latents, str(tiny_model), tmp_path / "x", ck, "8" * 64, stop_after=3)
+    train(run, latents, str(tiny_model), tmp_path / "x", ck, "8" * 64)
+    assert sha(tmp_path / "x" / "pytorch_lora_weights.safetensors") == sha(
+        tmp_path / "ref" / "pytorch_lora_weights.safetensors"
     )
