@@ -249,11 +249,20 @@ def all_reduce_floats(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A rank whose rank 0 was killed (kill -9) would wait in a collective (nccl: until its
+    timeout): end it when its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def main(argv: list[str]) -> int:
     """A rank started by `start`: train with the spec rank 0 wrote; rank 0 writes every file."""
     rank = os.environ.get("RANK", "?")
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
     spec = json.loads(Path(argv[1]).read_text())
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     import torch
 
     torch.set_num_threads(spec["threads"])

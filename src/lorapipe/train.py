@@ -644,6 +644,12 @@ def _train(
         "mlflow_run_id": trace.get("lorapipe_mlflow_run_id"),
     }
     atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=1))
+    log.info(
+        "trained %d steps in %.1f s: %.1f img/s steady; compile %s (warm-up %.1f s over %d "
+        "shape(s), compile %.1f s, %d recompile(s) after warm-up)",
+        step, summary["wall_s"], summary["images_per_s_steady"] or 0.0, compiled, warmup_s,
+        warmup_passes, compile_s, recompiles,
+    )  # fmt: skip
     return summary
 
 

@@ -49,9 +49,7 @@ def losses(out: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(
-    latents, tiny_model, tmp_path
-):
+def test_two_processes_match_one_process_with_the_same_global_batch(latents, tiny_model, tmp_path):
     import torch
 
     from lorapipe.latents import load_latent_shards
