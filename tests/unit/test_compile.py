@@ -26,7 +26,7 @@ def test_compiled_training_exports_clean_keys(tmp_path, demo_images, tiny_model)
     caption_shard(
         demo_images, m, CaptionSettings("template", "a {trigger}", "x"), tmp_path / "cc", c
     )
-    # square crops: one bucket (batches of 4 and one smaller last batch)
+    # square crops: one bucket
     write_shard(
         demo_images,
         m,
@@ -37,6 +37,8 @@ def test_compiled_training_exports_clean_keys(tmp_path, demo_images, tiny_model)
     )
     encode_shard(tmp_path / "s.tar", tiny_model, tmp_path / "l.tar")
     cfg = load_yaml(REPO / "config" / "config.yaml")
+    # 16 images in batches of 4: one shape. (batch_size 3 gives two shapes, and the second one
+    # compiles a dynamic-shape graph in the warm-up: 11 min on 2 busy cores, measured)
     cfg["runs"]["demo"].update({"compile": True, "max_steps": 3, "save_steps": 2})
     load_config(cfg, check_files=False)
     summary = train(
@@ -49,7 +51,7 @@ def test_compiled_training_exports_clean_keys(tmp_path, demo_images, tiny_model)
     )
     assert summary["compiled"] is True and summary["compile_s"] > 0
     # every batch shape was compiled before step 1: no recompiles while training
-    assert summary["warmup_shapes"] >= 1 and summary["warmup_graphs"] >= 1
+    assert summary["warmup_shapes"] == 1 and summary["warmup_graphs"] >= 1
     assert summary["warmup_s"] > 0 and summary["recompiles"] == 0
     with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
