@@ -63,7 +63,7 @@ def _remove_stale_creations(db: Path, max_age_s: float = 3600.0) -> int:
     left beside ``db``: those of a dead process on this host, and any older than ``max_age_s``
     (another host's; creating a store takes seconds). Returns how many files were removed."""
     host, n = socket.gethostname(), 0
-    for tmp in db.parent.glob(f".{db.name}.*{_CREATING}*"):
+    for tmp in db.parent.glob(f".{glob_escape(db.name)}.*{_CREATING}*"):
         owner = tmp.name[len(db.name) + 2 :].split(_CREATING, 1)[0]  # "<host>-<pid>"
         who, _, pid = owner.rpartition("-")
         dead = False
