@@ -25,6 +25,7 @@ BENCHMARKS = {
     "shards": ([], ["--images", "100", "--repeats", "1", "--breakdown", "20"]),
     "train_step": ([], ["--steps", "2", "--precision", "fp32"]),
     "dag": ([], ["--images", "1000", "--repeats", "1", "--skip-imports"]),
+    "datawait": ([], ["--quick"]),
 }
 
 
