@@ -23,11 +23,12 @@ fewer, but still 77 padded, tokens). The image shards are made from a seeded dat
 (bench_shards' generator) with ``lorapipe.manifest.scan_shard`` and ``lorapipe.shards.write_shard``
 (square crop); everything is cached under bench/out/datawait/.
 
-Per-job start-up: fresh interpreters running ``import torch, diffusers``, ``import lorapipe.manifest``
-and ``pass`` (median of ``--import-repeats``), set against the work of one shard of this run:
-``encode_shard`` (the torch stage: model load + encode) and ``scan_shard`` (a light stage).
+Per-job start-up: fresh interpreters running ``import torch, diffusers``,
+``import lorapipe.manifest`` and ``pass`` (median of ``--import-repeats``), set against the
+work of one shard of this run: ``encode_shard`` (the torch stage: model load + encode) and
+``scan_shard`` (a light stage).
 
-    python bench/bench_datawait.py [--quick] [--sizes tiny,sd15] [--steps 6] [--images 16]
+    python bench/bench_datawait.py [--quick] [--sizes tiny,sd15] [--steps 8] [--images 16]
 """
 
 from __future__ import annotations
@@ -94,10 +95,10 @@ def sd15_model(work: Path, tiny: Path) -> Path:
     import shutil
 
     import torch
+    from bench_train_step import SD15_UNET
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bench_train_step import SD15_UNET
     from lorapipe.tiny import SPECIAL_TOKENS, tokenizer_files
 
     path = work / "sd15-shaped"
@@ -130,9 +131,9 @@ def sd15_model(work: Path, tiny: Path) -> Path:
 
 def training_unet(size: str, model: Path, rank: int):
     import torch
+    from bench_train_step import SD15_UNET
     from diffusers import UNet2DConditionModel
 
-    from bench_train_step import SD15_UNET
     from lorapipe.models import load_parts, lora_config
 
     if size == "sd15":
@@ -149,13 +150,15 @@ def training_unet(size: str, model: Path, rank: int):
 def image_shards(work: Path, images: int, shards: int, resolution: int) -> tuple[list, dict]:
     """Image shards (tar) at ``resolution``, square crop; returns (paths, seconds per stage)."""
     from bench_shards import make_dataset
+
     from lorapipe.manifest import ScanSettings, read_jsonl, scan_shard
     from lorapipe.shards import ShardSettings, write_shard
 
     root = work / f"data-{images}"
     rels = make_dataset(root, images)
-    scan = ScanSettings(resolution=resolution, min_size=0.5, max_pixels=MAX_PIXELS,
-                        background=BACKGROUND)
+    scan = ScanSettings(
+        resolution=resolution, min_size=0.5, max_pixels=MAX_PIXELS, background=BACKGROUND
+    )
     settings = ShardSettings(resolution, 64, False, MAX_PIXELS, BACKGROUND)
     out, times = [], {"scan_shard_s": [], "write_shard_s": []}
     per = -(-len(rels) // shards)
@@ -167,10 +170,12 @@ def image_shards(work: Path, images: int, shards: int, resolution: int) -> tuple
         t = time.perf_counter()
         scan_shard(root, part, scan, manifest)  # no scan cache: a first scan
         times["scan_shard_s"].append(time.perf_counter() - t)
-        captions.write_text("".join(
-            json.dumps({"path": r["path"], "caption": CAPTION.format(i=i)}) + "\n"
-            for i, r in enumerate(read_jsonl(manifest))
-        ))
+        captions.write_text(
+            "".join(
+                json.dumps({"path": r["path"], "caption": CAPTION.format(i=i)}) + "\n"
+                for i, r in enumerate(read_jsonl(manifest))
+            )
+        )
         t = time.perf_counter()
         write_shard(root, manifest, captions, settings, d / "shard.tar", d / "shard.jsonl")
         times["write_shard_s"].append(time.perf_counter() - t)
@@ -196,8 +201,11 @@ def measure(size: str, args, work: Path, tiny: Path) -> dict:
     model = tiny if size == "tiny" else sd15_model(work, tiny)
     model_s = time.perf_counter() - t
     shards, prep = image_shards(work, args.images, args.shards, resolution)
-    print(f"[{size}] {len(shards)} image shards of {shards[0][1]} images at {resolution} px "
-          f"(model folder ready in {model_s:.1f} s)", flush=True)
+    print(
+        f"[{size}] {len(shards)} image shards of {shards[0][1]} images at {resolution} px "
+        f"(model folder ready in {model_s:.1f} s)",
+        flush=True,
+    )
 
     # latent cache: the workflow's encode stage, one shard at a time (model loaded per call)
     latent_tars, encode_s = [], []
@@ -252,9 +260,13 @@ def measure(size: str, args, work: Path, tiny: Path) -> dict:
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
             g = torch.Generator().manual_seed(state["epoch"])
             latents = vae.encode(x).latent_dist.sample(generator=g) * scaling
-            ids = tok([m["caption"] for _, _, m in chunk], padding="max_length",
-                      max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
+            ids = tok(
+                [m["caption"] for _, _, m in chunk],
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             text = te(ids)[0]
         noise_t = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, n_t, (batch,), generator=g)
@@ -375,21 +387,25 @@ def main() -> None:
     rows = []
     for r in results:
         for m, x in r["modes"].items():
-            rows.append({
-                "size": f"{r['size']} {r['resolution']}px b{r['batch']}",
-                "batch from": m,
-                "data s": x["data_s"],
-                "compute s": x["compute_s"],
-                "step s": x["step_s"],
-                "data share": f"{100 * x['data_share_median']:.1f} %",
-                "img/s": x["images_per_s"],
-            })
+            rows.append(
+                {
+                    "size": f"{r['size']} {r['resolution']}px b{r['batch']}",
+                    "batch from": m,
+                    "data s": x["data_s"],
+                    "compute s": x["compute_s"],
+                    "step s": x["step_s"],
+                    "data share": f"{100 * x['data_share_median']:.1f} %",
+                    "img/s": x["images_per_s"],
+                }
+            )
     print(table(rows))
     for r in results:
         c, f = r["modes"]["cached latents"], r["modes"]["on the fly"]
-        print(f"[{r['size']}] on the fly / cached step time: x{f['step_s'] / c['step_s']:.2f}; "
-              f"data share {100 * c['data_share_median']:.1f} % cached vs "
-              f"{100 * f['data_share_median']:.1f} % on the fly")
+        print(
+            f"[{r['size']}] on the fly / cached step time: x{f['step_s'] / c['step_s']:.2f}; "
+            f"data share {100 * c['data_share_median']:.1f} % cached vs "
+            f"{100 * f['data_share_median']:.1f} % on the fly"
+        )
 
     torch_s = imports["import torch, diffusers"]["median_s"]
     light_s = imports["import lorapipe.manifest"]["median_s"]
@@ -400,15 +416,17 @@ def main() -> None:
             ("encode (torch)", torch_s, median(r["encode_shard_s"])),
             ("manifest (light)", light_s, median(r["scan_shard_s"])),
         ):
-            startup.append({
-                "size": r["size"],
-                "stage": stage,
-                "images/shard": n,
-                "start-up s": overhead,
-                "work of 1 shard s": work_s,
-                "overhead/work": overhead / work_s,
-                "images/shard for <=10 % overhead": round(9 * overhead * n / work_s),
-            })
+            startup.append(
+                {
+                    "size": r["size"],
+                    "stage": stage,
+                    "images/shard": n,
+                    "start-up s": overhead,
+                    "work of 1 shard s": work_s,
+                    "overhead/work": overhead / work_s,
+                    "images/shard for <=10 % overhead": round(9 * overhead * n / work_s),
+                }
+            )
     print("\nper-job start-up (fresh interpreter, median) vs the work of one shard:")
     print(table([{"import": k, "median s": v["median_s"]} for k, v in imports.items()]))
     print(table(startup))
