@@ -102,3 +102,71 @@ def test_two_processes_resume_from_a_checkpoint(latents, tiny_model, tmp_path):
     a, b = lora(tmp_path / "x"), lora(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(tmp_path / "x") == losses(tmp_path / "ref")
+
+
+KILL_SCRIPT = """
+import sys, json
+sys.path.insert(0, {src!r})
+from lorapipe.config import RunConfig
+from lorapipe.train import train
+run = RunConfig.from_dict(json.loads({run!r}))
+train(run, {latents!r}, {model!r}, sys.argv[1], sys.argv[2], "k" * 64)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_of_rank_0_ends_the_other_rank_and_a_rerun_resumes(latents, tiny_model, tmp_path):
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lorapipe.train import train
+
+    run = run_config(batch_size=2, num_processes=2, max_steps=12, save_steps=3)
+    script = tmp_path / "t.py"
+    script.write_text(KILL_SCRIPT.format(src=str(REPO / "src"), run=json.dumps(run.to_dict()),
+                                         latents=latents, model=str(tiny_model)))  # fmt: skip
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    ckpt = ck / ("k" * 16 + "-x2") / "step-000003"
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(ck)])
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert ckpt.exists()
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert pids  # rank 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), "rank 1 outlived its rank 0"
+    subprocess.run([sys.executable, str(script), str(out), str(ck)], check=True)
+    train(run, latents, str(tiny_model), tmp_path / "ref", tmp_path / "ckref", "k" * 64)
+
+    def sha(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    assert sha(out / "pytorch_lora_weights.safetensors") == sha(
+        tmp_path / "ref" / "pytorch_lora_weights.safetensors"
+    )
+    assert losses(out) == losses(tmp_path / "ref")
+    assert os.path.exists(out / "train_summary.json")
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
