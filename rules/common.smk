@@ -337,3 +337,31 @@ def get_run_dataset(wildcards):
 
 def get_mlflow_uri(wildcards):
     return config["mlflow"]["tracking_uri"]
+
+
+# Training (rules/train.smk): checksum sidecars of the latents, and what num_processes asks for.
+def get_run_latent_sidecars(wildcards):
+    """The latent shards' checksum sidecars: training verifies each shard against its own."""
+    return [f"{tar}.sha256" for tar in get_run_latents(wildcards)]
+
+
+def train_processes(wildcards):
+    """num_processes as an int; `auto` (one per GPU the job gets) counts as 1 at parse time."""
+    n = RUNS[wildcards.run].num_processes
+    return n if isinstance(n, int) else 1
+
+
+def get_train_threads(wildcards):
+    return 2 * train_processes(wildcards)
+
+
+def get_train_mem_mb(wildcards):
+    return 8000 * train_processes(wildcards)
+
+
+def get_train_gpus(wildcards):
+    """GPUs to reserve: num_processes when > 1 (data-parallel on GPUs), else 0. The workflow
+    profile's `set-resources: train: gpu` wins over this: set N there (and for `auto`).
+    """
+    n = train_processes(wildcards)
+    return n if n > 1 else 0
