@@ -38,8 +38,11 @@ def test_profiles_parse_and_every_rule_has_its_resources():
     assert not set(local) & set(default)
     for rule in static_rules() - {"all"}:
         res = default["set-resources"].get(rule)
-        assert res and {"mem_mb", "runtime"} <= set(res), f"{rule}: no mem_mb/runtime"
-        assert (res.get("gpu", 0) > 0) == (rule in GPU_RULES), rule
+        # train's mem_mb (and threads) follow its run's num_processes, in rules/train.smk
+        need = {"runtime"} if rule == "train" else {"mem_mb", "runtime"}
+        assert res and need <= set(res), f"{rule}: no mem_mb/runtime"
+        assert bool(res.get("gpu", 0)) == (rule in GPU_RULES), rule
+    assert "train" not in default["set-threads"]
     assert {"mem_mb", "runtime", "slurm_account"} <= set(slurm["default-resources"])
     assert "mlflow_db=1" in default["resources"]
 
@@ -98,11 +101,14 @@ def test_slurm_dry_run_plans_every_job_with_its_resources(demo_workdir):
         expect = want["set-resources"].get(rule, {"mem_mb": 4000, "runtime": 30})
         for job in blocks:
             assert job["slurm_account"] == "myaccount", (rule, job)
+            assert job["mem_mb"] > 0, (rule, job)
             for key in ("mem_mb", "runtime"):
-                assert job[key] == expect[key], (rule, key, job)
-            assert job.get("gpu", 0) == expect.get("gpu", 0), (rule, job)
-            assert job["threads"] == threads.get(rule, 1), (rule, job)
-    assert jobs["train"][0]["gpu"] == 1 and jobs["train"][0]["runtime"] == 720
+                assert job[key] == expect.get(key, job[key]), (rule, key, job)
+            if rule != "train":
+                assert job.get("gpu", 0) == expect.get("gpu", 0), (rule, job)
+                assert job["threads"] == threads.get(rule, 1), (rule, job)
+    train = jobs["train"][0]
+    assert (train["gpu"], train["threads"], train["runtime"]) == (1, 2, 720), train
     assert jobs["track"][0]["mlflow_db"] == 1
 
     # the plugin's own partition selection with profiles/slurm/partitions.yaml
@@ -116,6 +122,17 @@ def test_slurm_dry_run_plans_every_job_with_its_resources(demo_workdir):
         job = SimpleNamespace(name=rule, threads=blocks[0]["threads"], resources=blocks[0])
         got = get_best_partition(partitions, job, log)
         assert got == ("gpu" if rule in GPU_RULES else "cpu"), (rule, got)
+
+
+def test_slurm_gives_a_multi_process_run_one_gpu_per_process(demo_workdir, tmp_path):
+    code, work = demo_workdir
+    cfg = yaml.safe_load((work / "cfg.yaml").read_text())
+    cfg["runs"]["demo"]["num_processes"] = 2
+    two = tmp_path / "work2"
+    two.mkdir()
+    (two / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    train = planned(dry_run(code, two, "slurm", "--cores", "64", "results/runs/demo/mlflow.json"))
+    assert (train["train"][0]["gpu"], train["train"][0]["threads"]) == (2, 4), train["train"]
 
 
 def test_local_profile_plans_the_same_jobs(demo_workdir):
