@@ -244,7 +244,7 @@ def measure(size: str, args, work: Path, tiny: Path) -> dict:
         for _ in range(batch):
             s = samples[state["cached"] % len(samples)]
             state["cached"] += 1
-            eps, nz, t, _drop = _draw(s, 0, state["cached"], n_t, 0.0)
+            eps, nz, t, _drop, _g = _draw(s, 0, state["cached"], n_t, 0.0)
             lat.append((s["mean"].float() + torch.exp(0.5 * s["logvar"].float()) * eps) * scaling)
             noise.append(nz)
             ts.append(t)

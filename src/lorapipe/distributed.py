@@ -17,7 +17,6 @@ process group is joined instead (env://), and RANK 0 is the one that writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -129,21 +128,9 @@ def start(run, device: str, spec: dict) -> Dist:
     return dist
 
 
-@contextlib.contextmanager
-def reading_alone():
-    """Every rank reads every latent shard in full; webdataset, seeing RANK and WORLD_SIZE in the
-    environment (set for our ranks and by torchrun), refuses a tar without a node splitter:
-    hide them while reading."""
-    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def connect(dist: Dist) -> None:
-    """Join the process group (after the latents are read: webdataset refuses to read a tar
-    without a node splitter once torch.distributed is initialised)."""
+    """Join the process group (after the latents are read, so a rank that fails to read them
+    fails alone and early)."""
     import torch.distributed as td
 
     if dist.world == 1 or td.is_initialized():

@@ -219,7 +219,9 @@ def _decode_latent_shard(path) -> tuple[list[dict], object]:
     out = []
     empty = None
     key = None
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+    # nodesplitter=None: every rank of a data-parallel run reads every shard in full (the ranks
+    # split batches, not shards); webdataset's default refuses to read under RANK/WORLD_SIZE
+    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None)
     try:
         for s in ds:
             key = s["__key__"]

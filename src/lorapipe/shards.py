@@ -129,7 +129,7 @@ def read_samples(tar_path: str | os.PathLike):
     import webdataset as wds
     from PIL import Image
 
-    ds = wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False)
+    ds = wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False, nodesplitter=None)
     for s in ds:
         key, meta = s["__key__"], json.loads(s["json"])
         if "rgb" in s:

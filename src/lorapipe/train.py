@@ -175,7 +175,22 @@ def _draw(sample: dict, seed: int, epoch: int, num_timesteps: int, noise_offset:
         noise = noise + noise_offset * torch.randn((mean.shape[0], 1, 1), generator=g)
     t = int(torch.randint(0, num_timesteps, (1,), generator=g))
     drop = float(torch.rand((), generator=g))
-    return eps_latent, noise, t, drop
+    return eps_latent, noise, t, drop, g
+
+
+def _caption_tensor(sample: dict, drop: float, caption_dropout: float, empty_text, g):
+    """The text-encoder output a sample trains with this epoch: the empty prompt when dropped,
+    else one of its precomputed caption variants (drawn from the sample's generator ``g``, after
+    every other draw, so samples without variants draw exactly what they always drew), else its
+    caption as written."""
+    import torch
+
+    if drop < caption_dropout:
+        return empty_text
+    variants = sample.get("text_variants")
+    if variants is not None and len(variants):
+        return variants[int(torch.randint(0, len(variants), (1,), generator=g))].float()
+    return sample["text"].float()
 
 
 def warmup_shapes(samples: list[dict], batches: list[list[int]]) -> list[list[int]]:
@@ -277,7 +292,7 @@ def _train(
 
     from . import distributed
     from .export import export_checkpoint, save_diffusers_lora, tag_counts
-    from .latents import load_latent_shards
+    from .latents import load_latent_cache
     from .models import adapter_metadata, load_parts, lora_config, vae_scaling_factor
 
     t_start = time.perf_counter()
@@ -294,22 +309,27 @@ def _train(
         raise ValueError(f"runs.{run.name}.mixed_precision: fp16 needs a GPU; use bf16 or no")
     check_optimizer(run, device)
 
-    with distributed.reading_alone():
-        samples = load_latent_shards(latent_shards)
+    samples, cached_empty = load_latent_cache(latent_shards)
     if not samples:
         raise ValueError(f"run {run.name}: no training samples in {len(latent_shards)} shard(s)")
     distributed.connect(dist)
     plan = make_plan(samples, run, world)
 
-    parts = load_parts(
-        model_path, ("unet", "scheduler", "vae", "text_encoder", "tokenizer"), original_config
-    )
+    # The latent cache holds the empty prompt's encoding (caption dropout); only a cache written
+    # before it was stored makes training load the text encoder.
+    text_parts = ("text_encoder", "tokenizer") if cached_empty is None else ()
+    parts = load_parts(model_path, ("unet", "scheduler", "vae", *text_parts), original_config)
     unet, noise_sched = parts["unet"], parts["scheduler"]
     scaling = vae_scaling_factor(parts["vae"])
-    with torch.inference_mode():
-        tok = parts["tokenizer"]
-        ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
-        empty_text = parts["text_encoder"](ids.input_ids)[0][0].clone()
+    if cached_empty is not None:
+        empty_text = cached_empty.float()
+    else:
+        with torch.inference_mode():
+            tok = parts["tokenizer"]
+            ids = tok(
+                [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+            )
+            empty_text = parts["text_encoder"](ids.input_ids)[0][0].clone()
     del parts
     prediction = noise_sched.config.prediction_type
     if prediction not in ("epsilon", "v_prediction"):
@@ -418,14 +438,14 @@ def _train(
         lat, noise, ts, text = [], [], [], []
         for i in batch:
             s = samples[i]
-            eps_latent, nz, t, drop = _draw(
+            eps_latent, nz, t, drop, g = _draw(
                 s, run.seed, epoch, noise_sched.config.num_train_timesteps, run.noise_offset
             )
             z = s["mean"].float() + torch.exp(0.5 * s["logvar"].float()) * eps_latent
             lat.append(z * scaling)
             noise.append(nz)
             ts.append(t)
-            text.append(empty_text if drop < run.caption_dropout else s["text"].float())
+            text.append(_caption_tensor(s, drop, run.caption_dropout, empty_text, g))
         latents = torch.stack(lat).to(dev)
         noise_t = torch.stack(noise).to(dev)
         timesteps = torch.tensor(ts, device=dev, dtype=torch.long)

@@ -129,14 +129,80 @@ def test_shards_of_different_text_encoders_are_refused(encoded, image_shard, tmp
 
 def test_a_shard_without_empty_prompt_loads_with_none(encoded, tmp_path):
     """Latent shards written before the empty prompt was stored still load."""
-    import tarfile
-
-    old = tmp_path / "old.tar"
-    with tarfile.open(encoded) as src, tarfile.open(old, "w") as dst:
-        for m in src.getmembers():
-            if not m.name.startswith("__empty__"):
-                dst.addfile(m, src.extractfile(m))
+    old = without_empty_prompt(encoded, tmp_path / "old.tar")
     from lorapipe.latents import load_latent_cache, load_latent_shards
 
     samples, empty = load_latent_cache([str(old)])
     assert empty is None and len(samples) == len(load_latent_shards([str(encoded)]))
+
+
+def without_empty_prompt(src_tar: Path, dst: Path) -> Path:
+    """A copy of a latent shard as written before the empty prompt was stored."""
+    import tarfile
+
+    with tarfile.open(src_tar) as src, tarfile.open(dst, "w") as out:
+        for m in src.getmembers():
+            if not m.name.startswith("__empty__"):
+                out.addfile(m, src.extractfile(m))
+    return dst
+
+
+def test_caption_tensor_picks_variants_from_the_sample_generator():
+    import torch
+
+    from lorapipe.train import _caption_tensor
+
+    text, empty = torch.zeros(2, 3), torch.full((2, 3), -1.0)
+    variants = torch.stack([torch.full((2, 3), float(k + 1)) for k in range(3)])
+    with_v = {"text": text, "text_variants": variants}
+    picks = {
+        float(_caption_tensor(with_v, 0.9, 0.1, empty, torch.Generator().manual_seed(i))[0, 0])
+        for i in range(40)
+    }
+    assert picks == {1.0, 2.0, 3.0}  # every variant, never the caption as written
+    assert torch.equal(_caption_tensor(with_v, 0.05, 0.1, empty, torch.Generator()), empty)
+    # without variants: the caption, and the generator is not touched (bit-exact old runs)
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(_caption_tensor({"text": text}, 0.9, 0.1, empty, g), text)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(7).get_state())
+
+
+def test_training_uses_variants_and_the_cached_empty_prompt(
+    encoded, image_shard, tiny_model, tmp_path, monkeypatch
+):
+    """Training takes the empty prompt from the cache (no text encoder loaded) with the same
+    bytes as encoding it, and a cache with caption variants trains another LoRA."""
+    import lorapipe.models
+    from lorapipe.config import load_config, load_yaml, resolve_run
+    from lorapipe.latents import encode_shard
+    from lorapipe.train import train
+
+    cfg = load_yaml(Path(__file__).resolve().parents[2] / "config" / "config.yaml")
+    cfg["runs"]["demo"].update(
+        {"epochs": 2, "save_steps": 100, "batch_size": 2, "caption_dropout": 0.5}
+    )
+    load_config(cfg, check_files=False)
+    run = resolve_run(cfg, "demo")
+    plain = tmp_path / "plain.tar"
+    encode_shard(image_shard, tiny_model, plain, batch_size=4)
+    old = without_empty_prompt(plain, tmp_path / "old.tar")
+
+    loaded = []
+    real = lorapipe.models.load_parts
+
+    def spy(path, parts=lorapipe.models.PARTS, original_config=None):
+        loaded.append(set(parts))
+        return real(path, parts, original_config)
+
+    monkeypatch.setattr(lorapipe.models, "load_parts", spy)
+
+    def lora(name, shard):
+        train(run, [str(shard)], str(tiny_model), tmp_path / name, tmp_path / f"c{name}", "f" * 64)
+        return sha(tmp_path / name / "pytorch_lora_weights.safetensors")
+
+    cached = lora("cached", plain)
+    assert "text_encoder" not in loaded[-1] and "unet" in loaded[-1]
+    encoded_now = lora("old", old)
+    assert "text_encoder" in loaded[-1]
+    assert cached == encoded_now
+    assert lora("variants", encoded) != cached

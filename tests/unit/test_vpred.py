@@ -84,7 +84,7 @@ def first_step_loss(run, latents, model_path, target: str) -> float:
         for i in batch:
             s = samples[i]
             n_t = sched.config.num_train_timesteps
-            eps_latent, noise, t, _ = _draw(s, run.seed, 0, n_t, run.noise_offset)
+            eps_latent, noise, t, _, _ = _draw(s, run.seed, 0, n_t, run.noise_offset)
             x0 = (s["mean"].float() + torch.exp(0.5 * s["logvar"].float()) * eps_latent) * scaling
             a = sched.alphas_cumprod[t].float()
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
