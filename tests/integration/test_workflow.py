@@ -213,6 +213,20 @@ def test_latent_cache_is_shared_per_model_resolution_and_dtype(wf):
     assert planned_jobs(work, code) == {}
 
 
+def test_caption_variants_restale_encoding_and_training_only(wf):
+    code, work = wf
+    cfg = config()
+    cfg["datasets"]["mine"].update(caption_variants=2, shuffle_captions=True)
+    write_config(work / "cfg.yaml", cfg)
+    try:
+        jobs = planned_jobs(work, code)
+    finally:
+        write_config(work / "cfg.yaml", config())
+    assert jobs["encode"] == 3 and jobs["train"] == 2
+    assert not {"manifest", "caption", "shard"} & set(jobs)
+    assert planned_jobs(work, code) == {}
+
+
 def test_caption_review_file_and_editing_one_row_restales_one_shard(tmp_path):
     import csv
 
