@@ -172,7 +172,16 @@ def get_shard_overrides(wildcards):
 
 
 def model_files(model, parts):
-    """Files of a base model a rule reads (so a changed model restales exactly its users)."""
+    """Files of a base model a rule reads (so a changed model restales exactly its users).
+
+    A model the workflow builds (``tiny``) is a result like any other; a model given by path is
+    read in place, also when results live in object storage (``local()``).
+    """
+    files = _model_files(model, parts)
+    return files if "tiny" in MODELS[model] else [local(f) for f in files]
+
+
+def _model_files(model, parts):
     path = Path(MODELS[model]["path"])
     if path.suffix == ".safetensors":
         # The weights, plus the config folder that describes them (its weights are not read).

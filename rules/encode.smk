@@ -8,10 +8,8 @@ rule encode:
         tar_sha256="results/{dataset}/shards/{shard}.tar.sha256",
         model=get_encode_model_files,
     output:
-        tar=ensure(
-            "results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar",
-            non_empty=True,
-        ),
+        # no ensure(non_empty=True): see rules/shard.smk
+        tar="results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar",
         sha256="results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar.sha256",
     log:
         "logs/encode/{dataset}/{model}-{res}-{dtype}/{shard}.log",

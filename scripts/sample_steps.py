@@ -2,6 +2,7 @@ import json
 
 import torch
 
+from lorapipe.io import localized
 from lorapipe.logs import setup
 from lorapipe.runs import read_run_config
 from lorapipe.sampling import exports_dir, render_step_grids
@@ -12,7 +13,15 @@ i, p = snakemake.input, snakemake.params
 run, fingerprint = read_run_config(i.config)
 doc = read_run_config(i.config, context=True)
 final_step = json.loads(open(i.summary).read())["steps"]
-render_step_grids(p.model_path, exports_dir(p.checkpoints, fingerprint),
-                  list(run.validation_prompts), snakemake.output[0], i.samples, final_step,
-                  run.validation_steps, doc["dataset"]["resolution"], run.seed,
-                  doc["base_model"].get("original_config"))
+render_step_grids(
+    localized(p.model_path, i),
+    exports_dir(p.checkpoints, fingerprint),
+    list(run.validation_prompts),
+    snakemake.output[0],
+    i.samples,
+    final_step,
+    run.validation_steps,
+    doc["dataset"]["resolution"],
+    run.seed,
+    doc["base_model"].get("original_config"),
+)

@@ -1,8 +1,16 @@
+from lorapipe.io import localized
 from lorapipe.logs import setup
 from lorapipe.shards import ShardSettings, write_shard
 
 log = setup(snakemake.log[0])
 p, i, o = snakemake.params, snakemake.input, snakemake.output
-n = write_shard(p.root, i.manifest, i.captions, ShardSettings(**p.settings), o.tar, o.index,
-                checksum=True)
+n = write_shard(
+    localized(p.root, i),
+    i.manifest,
+    i.captions,
+    ShardSettings(**p.settings),
+    o.tar,
+    o.index,
+    checksum=True,
+)
 log.info("wrote %d samples to %s", n, o.tar)

@@ -269,6 +269,31 @@ def integrity_param(pattern: str, workflow) -> Callable:
     return integrity
 
 
+def localized(path: str | None, files) -> str | None:
+    """Where this job sees ``path``, a folder or file a rule passes as a ``params:`` value.
+
+    With a storage provider (``--default-storage-provider s3``), Snakemake retrieves a job's
+    declared inputs under ``.snakemake/storage/<provider>/<bucket>/...`` and hands the job those
+    local paths, but params stay as written. A folder whose files the rule also declares as
+    inputs (a base model, a generated dataset) is found again through them: the local prefix of
+    the first input that lies under ``path``. Without storage, or when no input lies under it
+    (a folder dataset read in place), ``path`` is returned unchanged.
+    """
+    if not path:
+        return path
+    norm = os.path.normpath(str(path)).lstrip(os.sep)
+    for f in files:
+        f = os.path.normpath(str(f))
+        if f == os.path.normpath(str(path)) or f.startswith(os.path.normpath(str(path)) + os.sep):
+            return path  # the job sees its inputs where the params say
+        if f.endswith(os.sep + norm):
+            return f
+        i = f.find(os.sep + norm + os.sep)
+        if i >= 0:
+            return f[: i + 1 + len(norm)]
+    return path
+
+
 # --- safetensors ---------------------------------------------------------------------------
 
 

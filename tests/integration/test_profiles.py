@@ -143,27 +143,3 @@ def test_local_profile_plans_the_same_jobs(demo_workdir):
     assert {r for r in jobs if not r.startswith(LOOP_RULES)} == static_rules()
     assert "slurm_account" not in jobs["train"][0]
     assert jobs["train"][0]["gpu"] == 1 and jobs["encode"][0]["mem_mb"] == 16000
-
-
-def test_default_storage_provider_dry_run_maps_every_file_to_storage(demo_workdir, tmp_path):
-    """`--default-storage-provider fs` (offline stand-in for s3) plans the same jobs with every
-    declared input and output in storage. Only the plan: a real run does not work yet (README,
-    "Scaling out": rules pass the dataset, model, cache and checkpoint folders as params)."""
-    pytest.importorskip("snakemake_storage_plugin_fs")
-    code, work = demo_workdir
-    bucket = tmp_path / "bucket"
-    bucket.mkdir()
-    out = snakemake(
-        work, "-n", "--default-storage-provider", "fs", "--default-storage-prefix", str(bucket),
-        code=code,
-    )  # fmt: skip
-    text = out.stdout + out.stderr
-    assert "This was a dry-run" in text, text[-3000:]
-    assert {r for r in planned(text) if not r.startswith(LOOP_RULES)} == static_rules()
-    files = re.findall(r"^\s+(?:input|output|log): (.*)$", text, re.M)
-    paths = [p for line in files for p in line.split(", ")]
-    assert len(paths) > 100
-    outside = [p for p in paths if not p.startswith(str(bucket))]
-    assert outside == [], outside[:5]
-    assert all(p.endswith(("(send to storage)", "(retrieve from storage)")) for p in paths)
-    assert not list(bucket.iterdir()), "a dry run writes nothing to storage"

@@ -58,9 +58,11 @@ def snakemake(workdir: Path, *args: str, code: Path | None = None, check: bool =
     return proc
 
 
-def planned_jobs(workdir: Path, code: Path | None = None, *targets: str) -> dict[str, int]:
+def planned_jobs(
+    workdir: Path, code: Path | None = None, *targets: str, args: tuple[str, ...] = ()
+) -> dict[str, int]:
     """Jobs a dry run would execute, as {rule: count} (empty when nothing is to be done)."""
-    out = snakemake(workdir, *targets, "-n", "--quiet", "rules", code=code)
+    out = snakemake(workdir, *targets, "-n", "--quiet", "rules", *args, code=code)
     text = out.stdout + out.stderr
     if "Nothing to be done" in text:
         return {}
@@ -72,3 +74,74 @@ def planned_jobs(workdir: Path, code: Path | None = None, *targets: str) -> dict
         if len(parts) == 2 and parts[1].isdigit():
             jobs[parts[0]] = int(parts[1])
     return jobs
+
+
+class S3Server:
+    """A real S3 API server on 127.0.0.1 (moto's, in its own process) with one bucket, for
+    Snakemake's s3 storage plugin: object storage without a network."""
+
+    def __init__(self, root: Path, bucket: str = "lorapipe"):
+        import socket
+        import time
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.log = root / "moto.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                break
+            except OSError as e:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    tail = self.log.read_text()[-2000:]
+                    raise RuntimeError(f"moto server did not start: {tail}") from e
+                time.sleep(0.2)
+        self.client().create_bucket(Bucket=bucket)
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.url, aws_access_key_id="test", aws_secret_access_key="test",
+            region_name="us-east-1",
+        )  # fmt: skip
+
+    def args(self, prefix: str) -> list[str]:
+        """Snakemake options that put every declared input and output under s3://bucket/prefix."""
+        return [
+            "--default-storage-provider", "s3",
+            "--default-storage-prefix", f"s3://{self.bucket}/{prefix}",
+            "--storage-s3-endpoint-url", self.url,
+            "--storage-s3-access-key", "test",
+            "--storage-s3-secret-key", "test",
+        ]  # fmt: skip
+
+    def keys(self, prefix: str = "") -> dict[str, bytes]:
+        """{key: bytes} of the bucket's objects under prefix."""
+        c = self.client()
+        out = {}
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                out[o["Key"]] = c.get_object(Bucket=self.bucket, Key=o["Key"])["Body"].read()
+        return out
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

@@ -452,3 +452,21 @@ def test_training_refuses_a_latent_sample_without_its_tensors(tmp_path):
     bad = latent_tar(tmp_path / "00000.tar", {"k1": {"mean": torch.zeros(4, 8, 8)}})
     with pytest.raises(CorruptFileError, match=r"sample k1: no logvar tensor"):
         load_latent_shards([str(bad)])
+
+
+def test_localized_finds_a_params_folder_among_storage_inputs():
+    from lorapipe.io import localized
+
+    store = ".snakemake/storage/s3/bucket/wf"
+    model = [f"{store}/results/models/tiny/model_index.json", f"{store}/results/models/tiny/vae/c"]
+    assert localized("results/models/tiny", model) == f"{store}/results/models/tiny"
+    assert localized("results/models/tiny/", ["x.tar", *model]) == f"{store}/results/models/tiny"
+    # a single file given as the param is the retrieved file itself
+    st = f"{store}/models/v1-5.safetensors"
+    assert localized("models/v1-5.safetensors", [st]) == st
+    # without storage, or with no input under it, the param is what the job uses
+    assert localized("results/models/tiny", ["results/models/tiny/unet/c"]) == "results/models/tiny"
+    assert localized("data/mine", [f"{store}/results/mine/manifest/00000.jsonl"]) == "data/mine"
+    assert localized(None, model) is None
+    # a longer name sharing the prefix is not a match
+    assert localized("results/models/tin", model) == "results/models/tin"
