@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # One copy of the workflow-copying helpers: the integration tests' (tests/integration/wf.py).
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from wf import COPY, SNAKEMAKE, copy_workflow  # noqa: E402, F401
+from wf import COPY, SNAKEMAKE, copy_workflow, small_config  # noqa: E402, F401
 
 EXCLUDE = (
     re.compile(r"^results/checkpoints/"),
@@ -68,30 +68,7 @@ JOB_DONE = re.compile(r"^Finished jobid: (\d+) \(Rule: (\S+)\)")
 
 def config(images_shards: int = 3) -> dict:
     """A one-run workflow config on the tiny model, like the integration tests'."""
-    return {
-        "mlflow": {"experiment": "chaos"},
-        "datasets": {
-            "mine": {
-                "path": "data/mine",
-                "resolution": 64,
-                "bucket_step": 16,
-                "shards": images_shards,
-                "captioner": "template",
-                "caption_template": "a {trigger}",
-                "trigger": "thing",
-            },
-        },
-        "base_models": {"tiny-sd": {"path": "results/models/tiny-sd", "tiny": {"seed": 0}}},
-        "defaults": {
-            "max_steps": 4,
-            "save_steps": 2,
-            "batch_size": 4,
-            "lora_rank": 4,
-            "validation_prompts": ["a thing"],
-            "validation_steps": 2,
-        },
-        "runs": {"r1": {"dataset": "mine", "base_model": "tiny-sd"}},
-    }
+    return small_config("chaos", shards=images_shards)
 
 
 def make_workdir(work: Path, data: Path, cfg: dict) -> Path:

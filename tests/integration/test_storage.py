@@ -10,7 +10,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from wf import REPO, S3Server, copy_workflow, planned_jobs, snakemake, write_config
+from wf import (
+    REPO,
+    S3Server,
+    copy_workflow,
+    planned_jobs,
+    small_config,
+    snakemake,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -27,30 +35,7 @@ def s3(tmp_path_factory):
 
 
 def config() -> dict:
-    return {
-        "mlflow": {"experiment": "s3"},
-        "datasets": {
-            "mine": {
-                "path": "data/mine",
-                "resolution": 64,
-                "bucket_step": 16,
-                "shards": 2,
-                "captioner": "template",
-                "caption_template": "a {trigger}",
-                "trigger": "thing",
-            },
-        },
-        "base_models": {"tiny-sd": {"path": "results/models/tiny-sd", "tiny": {"seed": 0}}},
-        "defaults": {
-            "max_steps": 2,
-            "save_steps": 2,
-            "batch_size": 4,
-            "lora_rank": 4,
-            "validation_prompts": ["a thing"],
-            "validation_steps": 2,
-        },
-        "runs": {"r1": {"dataset": "mine", "base_model": "tiny-sd"}},
-    }
+    return small_config("s3", shards=2, max_steps=2)
 
 
 def planned_paths(work: Path, code: Path, s3: S3Server, prefix: str) -> list[str]:

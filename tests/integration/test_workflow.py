@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from wf import copy_workflow, planned_jobs, snakemake, write_config
+from wf import copy_workflow, planned_jobs, small_config, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -14,33 +14,12 @@ RUN_STAGES = {"run_config", "train", "export", "sample", "sample_steps", "track"
 
 
 def config(lr: float = 1e-3) -> dict:
-    return {
-        "mlflow": {"experiment": "it"},
-        "datasets": {
-            "mine": {
-                "path": "data/mine",
-                "resolution": 64,
-                "bucket_step": 16,
-                "shards": 3,
-                "captioner": "template",
-                "caption_template": "a {trigger}",
-                "trigger": "thing",
-            },
-        },
-        "base_models": {"tiny-sd": {"path": "results/models/tiny-sd", "tiny": {"seed": 0}}},
-        "defaults": {
-            "max_steps": 4,
-            "save_steps": 2,
-            "batch_size": 4,
-            "lora_rank": 4,
-            "validation_prompts": ["a thing"],
-            "validation_steps": 2,
-        },
-        "runs": {
+    return small_config(
+        runs={
             "r1": {"dataset": "mine", "base_model": "tiny-sd", "learning_rate": lr},
             "r2": {"dataset": "mine", "base_model": "tiny-sd", "lora_rank": 2},
-        },
-    }
+        }
+    )
 
 
 @pytest.fixture(scope="module")

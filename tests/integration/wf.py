@@ -33,6 +33,36 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+def small_config(
+    experiment: str = "it", shards: int = 3, max_steps: int = 4, runs: dict | None = None
+) -> dict:
+    """A workflow config on the tiny model and a folder dataset ``data/mine`` of small images."""
+    return {
+        "mlflow": {"experiment": experiment},
+        "datasets": {
+            "mine": {
+                "path": "data/mine",
+                "resolution": 64,
+                "bucket_step": 16,
+                "shards": shards,
+                "captioner": "template",
+                "caption_template": "a {trigger}",
+                "trigger": "thing",
+            },
+        },
+        "base_models": {"tiny-sd": {"path": "results/models/tiny-sd", "tiny": {"seed": 0}}},
+        "defaults": {
+            "max_steps": max_steps,
+            "save_steps": 2,
+            "batch_size": 4,
+            "lora_rank": 4,
+            "validation_prompts": ["a thing"],
+            "validation_steps": 2,
+        },
+        "runs": runs or {"r1": {"dataset": "mine", "base_model": "tiny-sd"}},
+    }
+
+
 def snakemake(workdir: Path, *args: str, code: Path | None = None, check: bool = True):
     """Run snakemake on ``workdir`` with its cfg.yaml; returns the CompletedProcess."""
     code = code or REPO
