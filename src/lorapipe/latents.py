@@ -71,7 +71,7 @@ def encode_shard(
     import webdataset as wds
     from safetensors.torch import save
 
-    from .models import load_parts, part_fingerprint
+    from .models import encode_prompts, load_parts, part_fingerprint
     from .shards import read_samples
 
     if dtype not in DTYPES:
@@ -94,9 +94,7 @@ def encode_shard(
     te_id = part_fingerprint(model_path, "text_encoder")[:16]
 
     def encode_text(prompts: list[str]):
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(device)
-        return te(ids)[0]
+        return encode_prompts(tok, te, prompts, device)
 
     def stored(t):
         return t.to(store_dtype).contiguous().cpu()

@@ -186,6 +186,21 @@ def lora_config(rank: int, alpha: float, targets, dropout: float = 0.0):
     )
 
 
+# CLIP text-encoder modules that get a LoRA when the text encoder is trained (kohya's SD-1.x set)
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None):
+    """Text-encoder outputs (N, L, D) of ``prompts``: padded to the tokenizer's max length,
+    truncated. The latent cache and text-encoder training both encode through here, so a trained
+    text encoder sees its prompts exactly as the cache would have stored them."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+    return text_encoder(ids.to(device) if device is not None else ids)[0]
+
+
 def adapter_metadata(cfg) -> dict:
     """LoraConfig as JSON-stable metadata (sets sorted, so bytes are the same in every process)."""
     d = cfg.to_dict()
