@@ -94,6 +94,8 @@ class RunConfig:
     lora_dropout: float
     target_modules: tuple[str, ...]
     learning_rate: float
+    train_text_encoder: bool
+    text_encoder_lr: float | None
     lr_scheduler: str
     warmup_steps: int
     batch_size: int
