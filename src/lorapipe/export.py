@@ -26,7 +26,12 @@ SUFFIXES = {
     ".lora.up.weight": "lora_up",
     ".lora_A.weight": "lora_down",
     ".lora_B.weight": "lora_up",
+    ".lora_linear_layer.down.weight": "lora_down",  # diffusers' text-encoder layout
+    ".lora_linear_layer.up.weight": "lora_up",
 }
+# kohya's SD-1.x text-encoder names start at CLIPTextModel.text_model; transformers 5's
+# CLIPTextModel has no such level (its modules start at encoder.*), so kohya names get it back.
+KOHYA_TE_ROOT = "text_model."
 
 
 def read_alpha(meta: dict[str, str], component: str = "unet") -> tuple[float, int]:
@@ -82,6 +87,8 @@ def kohya_state_dict(tensors: dict, meta: dict[str, str]) -> dict:
         if not match:
             raise ValueError(f"unexpected key {key!r}: not a LoRA down/up weight")
         module, kohya = match[0]
+        if component == "text_encoder" and not module.startswith(KOHYA_TE_ROOT):
+            module = KOHYA_TE_ROOT + module
         name = PREFIXES[component] + module.replace(".", "_")
         if f"{name}.{kohya}.weight" in out:
             raise ValueError(f"unexpected key {key!r}: a second {kohya} weight for {name}")
@@ -122,12 +129,20 @@ def kohya_metadata(
     extra: dict[str, str],
     tag_frequency: dict,
     rank_alpha: tuple[int, float] | None = None,
+    text_encoder: bool | None = None,
 ) -> dict[str, str]:
     """The ``ss_*`` fields UIs display, plus lorapipe's trace fields. All values are strings.
 
-    ``rank_alpha`` (rank, kohya alpha), read from the LoRA file itself, wins over the run config.
+    ``rank_alpha`` (rank, kohya alpha), read from the LoRA file itself, wins over the run config;
+    so does ``text_encoder`` (whether the file has a text-encoder LoRA) over
+    ``train_text_encoder``. ``ss_text_encoder_lr`` is the text encoder's learning rate when it
+    was trained, else "0".
     """
     rank, alpha = rank_alpha or (run_cfg["lora_rank"], run_cfg["lora_alpha"])
+    if text_encoder is None:
+        text_encoder = bool(run_cfg.get("train_text_encoder"))
+    te_lr = run_cfg.get("text_encoder_lr")
+    te_lr = (run_cfg["learning_rate"] if te_lr is None else te_lr) if text_encoder else 0
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": _num(rank),
@@ -137,7 +152,7 @@ def kohya_metadata(
         "ss_output_name": str(run_cfg["name"]),
         "ss_learning_rate": str(run_cfg["learning_rate"]),
         "ss_unet_lr": str(run_cfg["learning_rate"]),
-        "ss_text_encoder_lr": "0",
+        "ss_text_encoder_lr": str(te_lr),
         "ss_lr_scheduler": str(run_cfg["lr_scheduler"]),
         "ss_lr_warmup_steps": str(run_cfg["warmup_steps"]),
         "ss_batch_size_per_device": str(run_cfg["batch_size"]),
@@ -179,10 +194,14 @@ def save_diffusers_lora(
     adapter_metadata: dict,
     out_file: str | os.PathLike,
     extra_meta: dict[str, str] | None = None,
+    te_peft_state: dict | None = None,
+    te_adapter_metadata: dict | None = None,
 ) -> tuple[dict, dict[str, str]]:
-    """Write a UNet LoRA as diffusers' ``save_lora_weights`` does, plus lorapipe's metadata.
+    """Write a UNet LoRA (and a text-encoder one) as diffusers' ``save_lora_weights`` does, plus
+    lorapipe's metadata.
 
-    ``peft_state`` is ``get_peft_model_state_dict(unet)`` (of the uncompiled UNet). diffusers
+    ``peft_state`` is ``get_peft_model_state_dict(unet)`` (of the uncompiled UNet);
+    ``te_peft_state`` the text encoder's, when it was trained (``text_encoder.…`` keys). diffusers
     writes the file (its key layout and ``lora_adapter_metadata``, with lora_alpha); it is then
     rewritten with ``extra_meta`` merged in, atomically and with a sorted, byte-reproducible
     header. No pipeline is loaded. Returns the tensors and metadata written.
@@ -193,14 +212,25 @@ def save_diffusers_lora(
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors import safe_open
 
-    lora = convert_state_dict_to_diffusers(peft_state)
-    lora = {k: v.detach().float().cpu().contiguous() for k, v in lora.items()}
+    def layers(state):
+        return {
+            k: v.detach().float().cpu().contiguous()
+            for k, v in convert_state_dict_to_diffusers(state).items()
+        }
+
+    lora = layers(peft_state)
+    te_kw = {}
+    if te_peft_state is not None:
+        te_kw = {
+            "text_encoder_lora_layers": layers(te_peft_state),
+            "text_encoder_lora_adapter_metadata": te_adapter_metadata,
+        }
     out_file = Path(out_file)
     staging = out_file.parent / f".{out_file.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         StableDiffusionPipeline.save_lora_weights(
-            staging, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata
+            staging, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata, **te_kw
         )
         with safe_open(str(staging / "pytorch_lora_weights.safetensors"), framework="pt") as f:
             meta = dict(f.metadata() or {})
@@ -224,7 +254,8 @@ def save_kohya(
     number of tensors."""
     sd = kohya_state_dict(tensors, meta)
     alpha, rank = read_alpha(meta, "unet")
-    md = kohya_metadata(run_cfg, extra_meta, tag_freq, (rank, alpha))
+    te = any(k.startswith(PREFIXES["text_encoder"]) for k in sd)
+    md = kohya_metadata(run_cfg, extra_meta, tag_freq, (rank, alpha), text_encoder=te)
     md["sshs_model_hash"], md["sshs_legacy_hash"] = safetensors_hashes(sd, md)
     save_safetensors(sd, out_file, metadata=md)
     return len(sd)
@@ -255,13 +286,16 @@ def export_checkpoint(
     run_cfg: dict,
     extra_meta: dict[str, str],
     tag_freq: dict,
+    te_peft_state: dict | None = None,
+    te_adapter_metadata: dict | None = None,
 ) -> Path:
     """Both LoRA files of an intermediate checkpoint, written into a fresh ``out_dir``.
 
     ``pytorch_lora_weights.safetensors`` (diffusers) and ``<run>-step<NNNNNN>.safetensors``
     (kohya, named from ``extra_meta["ss_steps"]``), so any saved step can be loaded and
-    compared in diffusers, WebUI or ComfyUI. The diffusers file gets the ``lorapipe_*`` fields of
-    ``extra_meta``, the kohya file all of them. Written in a temporary folder, then renamed: the
+    compared in diffusers, WebUI or ComfyUI. With ``te_peft_state`` both carry the text-encoder
+    LoRA too. The diffusers file gets the ``lorapipe_*`` fields of ``extra_meta``, the kohya file
+    all of them. Written in a temporary folder, then renamed: the
     folder is complete or absent.
     """
     import shutil
@@ -274,8 +308,9 @@ def export_checkpoint(
     extra = {**extra_meta, "ss_output_name": name}
     trace = {k: v for k, v in extra.items() if k.startswith("lorapipe_")}
     tensors, meta = save_diffusers_lora(
-        peft_state, adapter_metadata, tmp / "pytorch_lora_weights.safetensors", trace
-    )
+        peft_state, adapter_metadata, tmp / "pytorch_lora_weights.safetensors", trace,
+        te_peft_state, te_adapter_metadata,
+    )  # fmt: skip
     save_kohya(tensors, meta, tmp / f"{name}.safetensors", run_cfg, extra, tag_freq)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
