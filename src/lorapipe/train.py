@@ -116,7 +116,9 @@ def check_optimizer(run: RunConfig, device: str) -> None:
 
 
 def make_optimizer(run: RunConfig, params: list):
-    """AdamW over the LoRA parameters: torch's, or bitsandbytes' 8-bit one (`check_optimizer`)."""
+    """AdamW over the LoRA parameters: torch's, or bitsandbytes' 8-bit one (`check_optimizer`).
+
+    ``params``: a list of tensors, or param groups (dicts) when the text encoder is trained."""
     import torch
 
     cls = torch.optim.AdamW
@@ -178,19 +180,37 @@ def _draw(sample: dict, seed: int, epoch: int, num_timesteps: int, noise_offset:
     return eps_latent, noise, t, drop, g
 
 
-def _caption_tensor(sample: dict, drop: float, caption_dropout: float, empty_text, g):
-    """The text-encoder output a sample trains with this epoch: the empty prompt when dropped,
-    else one of its precomputed caption variants (drawn from the sample's generator ``g``, after
-    every other draw, so samples without variants draw exactly what they always drew), else its
-    caption as written."""
+def _pick_caption(n_variants: int, drop: float, caption_dropout: float, g) -> int | None:
+    """Which prompt a sample trains with this epoch: None for the empty prompt (dropped), else
+    one of its ``n_variants`` caption variants (drawn from the sample's generator ``g``, after
+    every other draw, so samples without variants draw exactly what they always drew), else -1
+    for its caption as written. The cached and the text-encoder path both choose through here."""
     import torch
 
     if drop < caption_dropout:
-        return empty_text
+        return None
+    if n_variants:
+        return int(torch.randint(0, n_variants, (1,), generator=g))
+    return -1
+
+
+def _caption_tensor(sample: dict, drop: float, caption_dropout: float, empty_text, g):
+    """The cached text-encoder output a sample trains with this epoch (see `_pick_caption`)."""
     variants = sample.get("text_variants")
-    if variants is not None and len(variants):
-        return variants[int(torch.randint(0, len(variants), (1,), generator=g))].float()
-    return sample["text"].float()
+    k = _pick_caption(len(variants) if variants is not None else 0, drop, caption_dropout, g)
+    if k is None:
+        return empty_text
+    return (variants[k] if k >= 0 else sample["text"]).float()
+
+
+def _caption_text(sample: dict, drop: float, caption_dropout: float, g) -> str:
+    """The prompt text a sample trains with this epoch when the text encoder is trained: the
+    same choice (and the same draw from ``g``) as `_caption_tensor` makes among cached tensors."""
+    variants = sample["meta"].get("caption_variants") or []
+    k = _pick_caption(len(variants), drop, caption_dropout, g)
+    if k is None:
+        return ""
+    return variants[k] if k >= 0 else sample["meta"]["caption"]
 
 
 def warmup_shapes(samples: list[dict], batches: list[list[int]]) -> list[list[int]]:
@@ -293,7 +313,14 @@ def _train(
     from . import distributed
     from .export import export_checkpoint, save_diffusers_lora, tag_counts
     from .latents import load_latent_cache
-    from .models import adapter_metadata, load_parts, lora_config, vae_scaling_factor
+    from .models import (
+        TEXT_ENCODER_TARGETS,
+        adapter_metadata,
+        encode_prompts,
+        load_parts,
+        lora_config,
+        vae_scaling_factor,
+    )
 
     t_start = time.perf_counter()
     dist = dist or distributed.Dist()
@@ -316,8 +343,9 @@ def _train(
     plan = make_plan(samples, run, world)
 
     # The latent cache holds the empty prompt's encoding (caption dropout); only a cache written
-    # before it was stored makes training load the text encoder.
-    text_parts = ("text_encoder", "tokenizer") if cached_empty is None else ()
+    # before it was stored, or training the text encoder, makes training load the text encoder.
+    train_te = bool(run.train_text_encoder)
+    text_parts = ("text_encoder", "tokenizer") if cached_empty is None or train_te else ()
     parts = load_parts(model_path, ("unet", "scheduler", "vae", *text_parts), original_config)
     unet, noise_sched = parts["unet"], parts["scheduler"]
     scaling = vae_scaling_factor(parts["vae"])
@@ -330,6 +358,7 @@ def _train(
                 [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
             )
             empty_text = parts["text_encoder"](ids.input_ids)[0][0].clone()
+    te, tok = (parts["text_encoder"], parts["tokenizer"]) if train_te else (None, None)
     del parts
     prediction = noise_sched.config.prediction_type
     if prediction not in ("epsilon", "v_prediction"):
@@ -350,7 +379,25 @@ def _train(
                 p.data = p.data.to(amp_dtype)
     unet.to(dev).train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = make_optimizer(run, params)
+    opt_params: list = params
+    te_cfg = None
+    if te is not None:  # after the UNet's LoRA: its init draws from global RNG after the UNet's
+        te.requires_grad_(False)
+        te_cfg = lora_config(run.lora_rank, run.lora_alpha, TEXT_ENCODER_TARGETS, run.lora_dropout)
+        te.add_adapter(te_cfg)
+        if amp_dtype is not None:
+            for p in te.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(amp_dtype)
+        te.to(dev).train()
+        te_params = [p for p in te.parameters() if p.requires_grad]
+        te_lr = run.text_encoder_lr if run.text_encoder_lr is not None else run.learning_rate
+        opt_params = [
+            {"params": params, "lr": run.learning_rate},
+            {"params": te_params, "lr": te_lr},
+        ]
+        params = params + te_params  # clipping, all-reduce and broadcast cover both
+    opt = make_optimizer(run, opt_params)
     sched = get_scheduler(
         run.lr_scheduler,
         optimizer=opt,
@@ -365,6 +412,8 @@ def _train(
         last = ckpts[-1]
         state = json.loads((last / "state.json").read_text())
         set_peft_model_state_dict(unet, load_file(last / "lora.safetensors", device=str(dev)))
+        if te is not None:
+            set_peft_model_state_dict(te, load_file(last / "lora_te.safetensors", device=str(dev)))
         opt_state = torch.load(last / "optimizer.pt", weights_only=True, map_location=dev)
         opt.load_state_dict(opt_state)
         sched.load_state_dict(state["lr_scheduler"])
@@ -384,7 +433,13 @@ def _train(
         run_id = tracker.run_id if tracker is not None else None
         return {**export_meta, **({"lorapipe_mlflow_run_id": run_id} if run_id else {})}
 
-    forward = unet
+    te_meta = adapter_metadata(te_cfg) if te_cfg is not None else None
+
+    def te_lora_state() -> dict | None:
+        """The text encoder's LoRA weights (peft keys), or None when it is not trained."""
+        return None if te is None else get_peft_model_state_dict(te, save_embedding_layers=False)
+
+    forward = unet  # only the UNet is ever compiled
     if resolve_compile(run.compile, device):
         forward = torch.compile(unet)
     compile_checked = forward is unet  # until one whole step (forward + backward) has run
@@ -397,6 +452,10 @@ def _train(
         peft_state = get_peft_model_state_dict(unet)
         lora = {k: v.detach().float().cpu().contiguous() for k, v in peft_state.items()}
         save_safetensors(lora, tmp / "lora.safetensors")
+        te_state = te_lora_state()
+        if te_state is not None:
+            te_lora = {k: v.detach().float().cpu().contiguous() for k, v in te_state.items()}
+            save_safetensors(te_lora, tmp / "lora_te.safetensors")
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         state = {
@@ -420,7 +479,7 @@ def _train(
         )
         export_checkpoint(
             peft_state, adapter_metadata(cfg), ckpt_dir / "exports" / f"step-{step:06d}",
-            run.to_dict(), meta, tag_freq,
+            run.to_dict(), meta, tag_freq, te_state, te_meta,
         )  # fmt: skip
 
     log.info(
@@ -431,11 +490,14 @@ def _train(
     if world > 1:
         log.info("data-parallel: %d processes, global batch %d (%d per process)",
                  world, run.batch_size * world, run.batch_size)  # fmt: skip
+    if te is not None:
+        log.info("text encoder trained too (LoRA on %s, lr %g): captions encoded every step",
+                 ", ".join(TEXT_ENCODER_TARGETS), opt.param_groups[1]["lr"])  # fmt: skip
 
     def micro_step(batch: list[int], epoch: int, n_images: int, forward) -> tuple[float, float]:
         """Data, forward, loss and backward of one micro-batch: (loss, seconds preparing data)."""
         td = time.perf_counter()
-        lat, noise, ts, text = [], [], [], []
+        lat, noise, ts, text = [], [], [], []  # text: tensors (cached) or prompts (te trained)
         for i in batch:
             s = samples[i]
             eps_latent, nz, t, drop, g = _draw(
@@ -445,11 +507,14 @@ def _train(
             lat.append(z * scaling)
             noise.append(nz)
             ts.append(t)
-            text.append(_caption_tensor(s, drop, run.caption_dropout, empty_text, g))
+            if te is None:
+                text.append(_caption_tensor(s, drop, run.caption_dropout, empty_text, g))
+            else:
+                text.append(_caption_text(s, drop, run.caption_dropout, g))
         latents = torch.stack(lat).to(dev)
         noise_t = torch.stack(noise).to(dev)
         timesteps = torch.tensor(ts, device=dev, dtype=torch.long)
-        cond = torch.stack(text).to(dev)
+        cond = torch.stack(text).to(dev) if te is None else None
         noisy = noise_sched.add_noise(latents, noise_t, timesteps)
         if prediction == "epsilon":
             target = noise_t
@@ -457,6 +522,8 @@ def _train(
             target = noise_sched.get_velocity(latents, noise_t, timesteps)
         data_s = time.perf_counter() - td
         with autocast():
+            if te is not None:  # with grad, through the text encoder's LoRA
+                cond = encode_prompts(tok, te, text, dev)
             pred = forward(noisy, timesteps, cond, return_dict=False)[0]
         err = (pred.float() - target.float()) ** 2
         per_sample = err.mean(dim=(1, 2, 3))
@@ -513,6 +580,8 @@ def _train(
             for batch in shapes:
                 z = torch.stack([samples[i]["mean"].float() * scaling for i in batch]).to(dev)
                 cond = torch.stack([samples[i]["text"].float() for i in batch]).to(dev)
+                if te is not None:  # as in training, where cond comes from the trained encoder
+                    cond.requires_grad_(True)
                 timesteps = torch.full((len(batch),), t_mid, device=dev, dtype=torch.long)
                 with autocast():
                     pred = forward(z, timesteps, cond, return_dict=False)[0]
@@ -552,8 +621,9 @@ def _train(
         micro = batches[local * run.gradient_accumulation : (local + 1) * run.gradient_accumulation]
         t0 = time.perf_counter()
         n_images = sum(len(b) for b in micro)
-        if run.lora_dropout:  # LoRA dropout draws from global RNG: seed it per step (and rank),
-            # so a resumed run draws the masks an uninterrupted one drew
+        if run.lora_dropout or te is not None:  # LoRA (and a text encoder's own) dropout draws
+            # from global RNG: seed it per step (and rank), so a resumed run draws the masks an
+            # uninterrupted one drew
             torch.manual_seed(_seed_of(run.seed, "dropout", step, rank))
         if compile_checked:
             loss_sum, data_s = forward_backward(micro, epoch, n_images, forward)
@@ -596,6 +666,7 @@ def _train(
             "epoch": epoch + 1,
             "loss": loss_sum,
             "lr": sched.get_last_lr()[0],
+            **({"lr_text_encoder": sched.get_last_lr()[1]} if te is not None else {}),
             "images_per_s": n_images / dt if dt > 0 else 0.0,
             "data_wait": data_s / dt if dt > 0 else 0.0,
             "skipped": bool(skipped),
@@ -630,6 +701,7 @@ def _train(
     save_diffusers_lora(
         get_peft_model_state_dict(unet), adapter_metadata(cfg),
         out_dir / "pytorch_lora_weights.safetensors", trace,
+        te_lora_state(), te_meta,
     )  # fmt: skip
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     plot_loss(metrics, out_dir / "loss.png", run.name)
