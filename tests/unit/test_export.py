@@ -274,3 +274,32 @@ def test_export_metadata_traces_the_run_and_its_mlflow_run(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps({**summary, "mlflow_run_id": None}))
     _, extra = export_metadata(str(tmp_path / "config.yaml"), str(tmp_path / "s.json"))
     assert "lorapipe_mlflow_run_id" not in extra
+
+
+def test_diffusers_text_encoder_keys_get_kohya_sd1_names():
+    """diffusers writes a text-encoder LoRA as ``lora_linear_layer.down/up`` of transformers 5's
+    CLIPTextModel (no ``text_model`` level); kohya's SD-1.x names have that level."""
+    import torch
+
+    from lorapipe.export import kohya_metadata
+
+    meta = {"lora_adapter_metadata": json.dumps(
+        {"unet.lora_alpha": 8, "unet.r": 4, "text_encoder.lora_alpha": 8, "text_encoder.r": 4}
+    )}  # fmt: skip
+    te = "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer"
+    tensors = {
+        **lora_pair("unet.mid_block.attn.to_q"),
+        f"{te}.down.weight": torch.zeros(4, 8),
+        f"{te}.up.weight": torch.zeros(8, 4),
+    }
+    sd = kohya_state_dict(tensors, meta)
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(sd)
+    cfg = run_cfg()  # an older run config (no text-encoder keys) still exports
+    cfg.pop("train_text_encoder"), cfg.pop("text_encoder_lr")
+    assert kohya_metadata(cfg, {}, {})["ss_text_encoder_lr"] == "0"
+    assert kohya_metadata(cfg, {}, {}, text_encoder=True)["ss_text_encoder_lr"] == str(
+        cfg["learning_rate"]
+    )
+    cfg["text_encoder_lr"] = 5e-5
+    assert kohya_metadata(cfg, {}, {}, text_encoder=True)["ss_text_encoder_lr"] == "5e-05"
