@@ -443,3 +443,38 @@ def test_resume_with_lora_dropout_is_bit_exact(latents, tiny_model, tmp_path):
     assert sha(tmp_path / "x" / "pytorch_lora_weights.safetensors") == sha(
         tmp_path / "ref" / "pytorch_lora_weights.safetensors"
     )
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_last_good_one_and_a_rerun_finishes(
+    latents, tiny_model, tmp_path, monkeypatch
+):
+    """ENOSPC from the kernel (every atomic write's temporary file is /dev/full) while training
+    saves a checkpoint: a clear error, the previous checkpoint intact and nothing half-written
+    taken for one; after space is freed, a rerun resumes to the bytes of an uninterrupted run."""
+    import errno
+
+    import lorapipe.io as lio
+    from lorapipe.train import train
+
+    run = run_config()
+    train(run, latents, str(tiny_model), tmp_path / "ref", tmp_path / "cref", "b" * 64)
+    ck = tmp_path / "ck"
+    train(run, latents, str(tiny_model), tmp_path / "x", ck, "b" * 64, stop_after=4)
+    real = lio._make_temp
+
+    def full(path):
+        tmp = real(path)
+        tmp.unlink()
+        tmp.symlink_to("/dev/full")
+        return tmp
+
+    monkeypatch.setattr(lio, "_make_temp", full)
+    with pytest.raises(OSError) as info:
+        train(run, latents, str(tiny_model), tmp_path / "x", ck, "b" * 64)
+    assert info.value.errno == errno.ENOSPC and "free some space" in str(info.value)
+    assert sorted(p.name for p in (ck / ("b" * 16)).glob("step-*")) == ["step-000004"]
+    assert not (tmp_path / "x" / "pytorch_lora_weights.safetensors").exists()
+    monkeypatch.setattr(lio, "_make_temp", real)
+    train(run, latents, str(tiny_model), tmp_path / "x", ck, "b" * 64)
+    got = tmp_path / "x" / "pytorch_lora_weights.safetensors"
+    assert sha(got) == sha(tmp_path / "ref" / "pytorch_lora_weights.safetensors")
