@@ -352,12 +352,8 @@ def _train(
     if cached_empty is not None:
         empty_text = cached_empty.float()
     else:
-        with torch.inference_mode():
-            tok = parts["tokenizer"]
-            ids = tok(
-                [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
-            )
-            empty_text = parts["text_encoder"](ids.input_ids)[0][0].clone()
+        with torch.inference_mode():  # as the latent stage encodes it
+            empty_text = encode_prompts(parts["tokenizer"], parts["text_encoder"], [""])[0].clone()
     te, tok = (parts["text_encoder"], parts["tokenizer"]) if train_te else (None, None)
     del parts
     prediction = noise_sched.config.prediction_type
