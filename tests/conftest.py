@@ -51,3 +51,20 @@ def demo_images(tmp_path_factory) -> Path:
 @pytest.fixture()
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture()
+def loaded_parts(monkeypatch) -> list[set]:
+    """The parts each ``lorapipe.models.load_parts`` call asks for, in call order (the real
+    loader still runs): which model components a stage really loads."""
+    import lorapipe.models
+
+    calls: list[set] = []
+    real = lorapipe.models.load_parts
+
+    def spy(path, parts=lorapipe.models.PARTS, original_config=None):
+        calls.append(set(parts))
+        return real(path, parts, original_config)
+
+    monkeypatch.setattr(lorapipe.models, "load_parts", spy)
+    return calls

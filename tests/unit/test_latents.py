@@ -168,11 +168,10 @@ def test_caption_tensor_picks_variants_from_the_sample_generator():
 
 
 def test_training_uses_variants_and_the_cached_empty_prompt(
-    encoded, image_shard, tiny_model, tmp_path, monkeypatch
+    encoded, image_shard, tiny_model, tmp_path, loaded_parts
 ):
     """Training takes the empty prompt from the cache (no text encoder loaded) with the same
     bytes as encoding it, and a cache with caption variants trains another LoRA."""
-    import lorapipe.models
     from lorapipe.config import load_config, load_yaml, resolve_run
     from lorapipe.latents import encode_shard
     from lorapipe.train import train
@@ -187,14 +186,7 @@ def test_training_uses_variants_and_the_cached_empty_prompt(
     encode_shard(image_shard, tiny_model, plain, batch_size=4)
     old = without_empty_prompt(plain, tmp_path / "old.tar")
 
-    loaded = []
-    real = lorapipe.models.load_parts
-
-    def spy(path, parts=lorapipe.models.PARTS, original_config=None):
-        loaded.append(set(parts))
-        return real(path, parts, original_config)
-
-    monkeypatch.setattr(lorapipe.models, "load_parts", spy)
+    loaded = loaded_parts
 
     def lora(name, shard):
         train(run, [str(shard)], str(tiny_model), tmp_path / name, tmp_path / f"c{name}", "f" * 64)

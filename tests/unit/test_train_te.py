@@ -166,20 +166,12 @@ def test_resume_with_the_text_encoder_is_bit_exact(te_run, shards, tiny_model, t
         assert sha(ck / ("e" * 16) / last / f) == sha(te_run["ck"] / last / f), f
 
 
-def test_text_encoder_is_loaded_only_when_trained(shards, tiny_model, tmp_path, monkeypatch):
+def test_text_encoder_is_loaded_only_when_trained(shards, tiny_model, tmp_path, loaded_parts):
     """Without train_text_encoder the cached text is used: no text encoder loaded (the cache has
     the empty prompt); with it, the text encoder is loaded and trained."""
-    import lorapipe.models
     from lorapipe.train import train
 
-    loaded = []
-    real = lorapipe.models.load_parts
-
-    def spy(path, parts=lorapipe.models.PARTS, original_config=None):
-        loaded.append(set(parts))
-        return real(path, parts, original_config)
-
-    monkeypatch.setattr(lorapipe.models, "load_parts", spy)
+    loaded = loaded_parts
     for i, te in enumerate((False, True)):
         run = run_config(max_steps=1, caption_dropout=0.5, train_text_encoder=te)
         out, ck = tmp_path / f"o{i}", tmp_path / f"c{i}"
