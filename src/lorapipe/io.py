@@ -281,10 +281,11 @@ def localized(path: str | None, files) -> str | None:
     """
     if not path:
         return path
-    norm = os.path.normpath(str(path)).lstrip(os.sep)
+    given = os.path.normpath(str(path))
+    norm = given.lstrip(os.sep)
     for f in files:
         f = os.path.normpath(str(f))
-        if f == os.path.normpath(str(path)) or f.startswith(os.path.normpath(str(path)) + os.sep):
+        if f == given or f.startswith(given + os.sep):
             return path  # the job sees its inputs where the params say
         if f.endswith(os.sep + norm):
             return f

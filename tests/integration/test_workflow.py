@@ -22,6 +22,15 @@ def config(lr: float = 1e-3) -> dict:
     )
 
 
+
+def planned_with(work, code, cfg: dict) -> dict[str, int]:
+    """The jobs a dry run plans under ``cfg``; the shipped test config is written back after."""
+    write_config(work / "cfg.yaml", cfg)
+    try:
+        return planned_jobs(work, code)
+    finally:
+        write_config(work / "cfg.yaml", config())
+
 @pytest.fixture(scope="module")
 def wf(tmp_path_factory):
     """A workflow copy and a finished first run on a 12-image dataset."""
@@ -105,11 +114,7 @@ def test_second_run_does_nothing(wf):
 
 def test_changing_a_training_parameter_reruns_only_that_run(wf):
     code, work = wf
-    write_config(work / "cfg.yaml", config(lr=5e-4))
-    try:
-        jobs = planned_jobs(work, code)
-    finally:
-        write_config(work / "cfg.yaml", config())
+    jobs = planned_with(work, code, config(lr=5e-4))
     assert set(jobs) - {"all"} == RUN_STAGES
     assert all(n == 1 for r, n in jobs.items())  # r1 only, not r2
     assert planned_jobs(work, code) == {}
@@ -181,11 +186,7 @@ def test_latent_cache_is_shared_per_model_resolution_and_dtype(wf):
     assert caches == ["tiny-sd-64-float32"]  # r1 and r2 (CPU, no bf16) share one cache
     cfg = config()
     cfg["runs"]["r2"]["mixed_precision"] = "bf16"
-    write_config(work / "cfg.yaml", cfg)
-    try:
-        jobs = planned_jobs(work, code)
-    finally:
-        write_config(work / "cfg.yaml", config())
+    jobs = planned_with(work, code, cfg)
     # a bf16 run gets its own bf16 cache: every shard encoded again, nothing before encode
     assert jobs["encode"] == 3 and jobs["train"] == 1
     assert not {"manifest", "caption", "shard"} & set(jobs)
@@ -196,11 +197,7 @@ def test_caption_variants_restale_encoding_and_training_only(wf):
     code, work = wf
     cfg = config()
     cfg["datasets"]["mine"].update(caption_variants=2, shuffle_captions=True)
-    write_config(work / "cfg.yaml", cfg)
-    try:
-        jobs = planned_jobs(work, code)
-    finally:
-        write_config(work / "cfg.yaml", config())
+    jobs = planned_with(work, code, cfg)
     assert jobs["encode"] == 3 and jobs["train"] == 2
     assert not {"manifest", "caption", "shard"} & set(jobs)
     assert planned_jobs(work, code) == {}
