@@ -117,7 +117,8 @@ def train_run(
     `file_metadata`. Live MLflow metrics when ``mlflow`` (``uri``, ``experiment``, ``live``,
     ``live_every_steps``, ``live_every_s``: the `mlflow:` config block) has ``live`` on.
     """
-    from .tracking import LiveTracker, tracking_uri
+    from .live_tracking import LiveTracker
+    from .mlflow_store import tracking_uri
     from .train import train
 
     doc = read_run_config(config_yaml, context=True)
@@ -144,7 +145,8 @@ def train_run(
 
 def track_run(inputs, uri: str | None, experiment: str, out_json: str) -> str:
     """Log a finished run (the track rule's inputs) to MLflow."""
-    from .tracking import dataset_input, log_run, tracking_uri
+    from .mlflow_store import tracking_uri
+    from .tracking import dataset_input, log_run
 
     doc = read_run_config(inputs.config, context=True)
     summary = json.loads(Path(inputs.summary).read_text())

@@ -198,7 +198,7 @@ def test_partly_logged_run_is_completed_without_duplicates(server, tmp_path, mon
 def test_live_tracker_over_http_then_log_run_completes_it(server, tmp_path):
     """The train stage's live metrics over REST; the track rule then finds that run and adds only
     what is missing."""
-    from lorapipe.tracking import LiveTracker
+    from lorapipe.live_tracking import LiveTracker
 
     fp = "34" * 32
     t = LiveTracker(server["base"], "lorapipe-test", "demo", fp, params=CONFIG, every_s=0.2)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lorapipe.tracking import LiveTracker, log_run
+from lorapipe import live_tracking, mlflow_store, tracking
+from lorapipe.live_tracking import LiveTracker
+from lorapipe.tracking import log_run
 
 FP = "0f" * 32
 CONFIG = {"run": {"name": "demo", "lora_rank": 4}, "dataset": {"resolution": 64}}
@@ -172,3 +174,47 @@ def test_log_run_uses_the_live_run_and_logs_the_dataset_once(tmp_path, monkeypat
     assert tags == {"mlflow.data.context": "training", "lorapipe.dataset_manifest_hash": digest}
     assert Path(tmp_path / "a.json").exists()
     assert [a.path for a in c.list_artifacts(live_id, "samples")] == ["samples/step-000002.png"]
+
+
+def test_log_run_and_live_tracker_open_one_run_through_open_run(tmp_path, monkeypatch):
+    """Both writers open their MLflow run with `mlflow_store.open_run`, and for one fingerprint
+    they end on one run, whichever comes first: the track rule of a run trained without a store
+    creates it, a rerun of training continues it (found by fingerprint), the track rule again
+    (no run id) finds it too. Each adds only what the run lacks."""
+    monkeypatch.chdir(tmp_path)  # the store's artifact root is ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    opened: list[tuple[str, bool]] = []  # (run id, found rather than created), in call order
+    real = mlflow_store.open_run
+
+    def spy(*args, **kw):
+        run = real(*args, **kw)
+        opened.append((run.run_id, run.existing is not None))
+        return run
+
+    monkeypatch.setattr(tracking, "open_run", spy)
+    monkeypatch.setattr(live_tracking, "open_run", spy)
+    metrics = tmp_path / "metrics.jsonl"
+
+    def track(last_step: int) -> str:
+        metrics.write_text("".join(json.dumps(record(i)) + "\n" for i in range(1, last_step + 1)))
+        return log_run(
+            run_name="demo", experiment="live-test", uri=uri, config=CONFIG, metrics_jsonl=metrics,
+            artifacts=[], tags={"lorapipe.fingerprint": FP, "lorapipe.code": "c0de"},
+            out_json=tmp_path / "run.json",
+        )  # fmt: skip
+
+    run_id = track(3)
+    t = tracker(uri)
+    t.start(backlog=[record(i) for i in range(1, 4)], resumed_step=3)  # steps 1..3: logged
+    for i in range(4, 7):
+        t.log(record(i))
+    assert t.close("FINISHED") == run_id
+    assert track(6) == run_id
+    assert opened == [(run_id, False), (run_id, True), (run_id, True)]
+    c = client(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("live-test").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.tags["lorapipe.fingerprint"] == FP
+    assert run.data.tags["lorapipe.resumed_at_step"] == "3"
+    assert run.data.params["run.lora_rank"] == "4"
+    assert steps(uri, run_id) == list(range(1, 7))  # each step once

@@ -1,5 +1,6 @@
-"""tracking: URI precedence, config flattening, metrics.jsonl reading (no MLflow needed); the
-sqlite store created atomically (real MLflow, a real kill -9 while it is being created)."""
+"""tracking: config flattening, metrics.jsonl reading; mlflow_store: URI precedence (no MLflow
+needed), the sqlite store created atomically (real MLflow, a real kill -9 while it is being
+created)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lorapipe.tracking import (
-    _key,
-    ensure_sqlite_store,
-    flatten,
-    read_metrics,
-    sqlite_file,
-    tracking_uri,
-)
+from lorapipe.mlflow_store import ensure_sqlite_store, sqlite_file, tracking_uri
+from lorapipe.tracking import _key, flatten, read_metrics
 
 
 def test_tracking_uri_precedence(monkeypatch, tmp_path):
@@ -128,7 +123,7 @@ def test_store_killed_while_being_created_leaves_nothing_that_breaks_the_next_ru
     call removes that leftover and creates a complete store that works."""
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
-    code = f"from lorapipe.tracking import ensure_sqlite_store; ensure_sqlite_store({uri!r})"
+    code = f"from lorapipe.mlflow_store import ensure_sqlite_store; ensure_sqlite_store({uri!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
