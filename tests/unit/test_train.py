@@ -227,7 +227,7 @@ def test_live_mlflow_resume_run_id_and_checkpoint_exports(latents, tiny_model, t
     layouts, loadable by diffusers."""
     from mlflow import MlflowClient
 
-    from lorapipe.tracking import LiveTracker
+    from lorapipe.live_tracking import LiveTracker
     from lorapipe.train import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -302,7 +302,7 @@ def test_live_mlflow_resume_run_id_and_checkpoint_exports(latents, tiny_model, t
 
 
 def test_unreachable_mlflow_never_stops_training(latents, tiny_model, tmp_path):
-    from lorapipe.tracking import LiveTracker
+    from lorapipe.live_tracking import LiveTracker
     from lorapipe.train import train
 
     t = LiveTracker("http://127.0.0.1:9", "t", "demo", "b" * 64, every_steps=1, every_s=0.05)
@@ -319,7 +319,7 @@ def test_unreachable_mlflow_never_stops_training(latents, tiny_model, tmp_path):
 def test_failed_training_marks_the_mlflow_run_failed(latents, tiny_model, tmp_path):
     from mlflow import MlflowClient
 
-    from lorapipe.tracking import LiveTracker
+    from lorapipe.live_tracking import LiveTracker
     from lorapipe.train import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
