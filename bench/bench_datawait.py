@@ -7,7 +7,7 @@ from other processes hits both alike. Per step two times are taken:
 - **data**: getting the batch ready, as lorapipe.train's loop does it in-line (no prefetch workers):
   - *cached*: the latent shards (``lorapipe.latents.encode_shard``, read once before the loop with
     ``load_latent_cache``) give mean/logvar and the text-encoder output; a fresh latent is drawn
-    (``lorapipe.train._draw``), scaled, stacked, noised (``add_noise``);
+    (``lorapipe.training.batches.draw``), scaled, stacked, noised (``add_noise``);
   - *on the fly*: the next images are decoded from the image shard tars
     (``lorapipe.shards.read_samples``: WebDataset + PNG), VAE-encoded (a latent drawn from the
     posterior), captions tokenised and text-encoded, then stacked and noised the same way;
@@ -193,7 +193,7 @@ def measure(size: str, args, work: Path, tiny: Path) -> dict:
     from lorapipe.latents import encode_shard, load_latent_cache
     from lorapipe.models import load_parts, vae_scaling_factor
     from lorapipe.shards import read_samples
-    from lorapipe.train import _draw
+    from lorapipe.training.batches import draw as _draw
 
     resolution, batch = SIZES[size]
     batch = args.batch or batch

@@ -5,21 +5,22 @@ import torch
 from lorapipe.io import localized
 from lorapipe.logs import setup
 from lorapipe.runs import read_run_config
-from lorapipe.sampling import exports_dir, render_step_grids
+from lorapipe.sampling import render_step_grids
+from lorapipe.training.checkpoints import Layout
 
 log = setup(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 i, p = snakemake.input, snakemake.params
 run, fingerprint = read_run_config(i.config)
 doc = read_run_config(i.config, context=True)
-final_step = json.loads(open(i.summary).read())["steps"]
+summary = json.loads(open(i.summary).read())
 render_step_grids(
     localized(p.model_path, i),
-    exports_dir(p.checkpoints, fingerprint),
+    Layout.of_summary(p.checkpoints, fingerprint, summary).exports,
     list(run.validation_prompts),
     snakemake.output[0],
     i.samples,
-    final_step,
+    summary["steps"],
     run.validation_steps,
     doc["dataset"]["resolution"],
     run.seed,

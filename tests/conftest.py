@@ -62,8 +62,8 @@ def loaded_parts(monkeypatch) -> list[set]:
     calls: list[set] = []
     real = lorapipe.models.load_parts
 
-    def spy(path, parts=lorapipe.models.PARTS, original_config=None):
-        calls.append(set(parts))
+    def spy(path, parts=None, original_config=None):
+        calls.append(set(parts) if parts is not None else {'all'})
         return real(path, parts, original_config)
 
     monkeypatch.setattr(lorapipe.models, "load_parts", spy)

@@ -1,9 +1,10 @@
 """Data-parallel training over torch.distributed: starting the processes, and what they share.
 
-The process that calls `train.train` with ``num_processes: N > 1`` becomes rank 0. It hosts the
-rendezvous (a TCPStore on 127.0.0.1 at a port the OS picks free), starts ranks 1..N-1 as
-``python -m lorapipe.distributed SPEC.json`` subprocesses, and alone writes checkpoints, exports,
-metrics and talks to MLflow. Backend: gloo on CPU, nccl on CUDA (rank r on GPU r).
+A leaf module: it knows processes and collectives, not what they train. The process that calls
+`start` with ``num_processes: N > 1`` becomes rank 0. It hosts the rendezvous (a TCPStore on
+127.0.0.1 at a port the OS picks free) and starts ranks 1..N-1 as ``python -m <entry> SPEC.json``
+subprocesses (the train stage passes `lorapipe.worker`); the caller's rank 0 alone writes files.
+Backend: gloo on CPU, nccl on CUDA (rank r on GPU r).
 
 Each optimizer step takes one global batch of ``batch_size x N`` images from one bucket; rank r
 trains on ``global_batch[r::N]`` with the loss scaled by 1 / (images in the global step), the
@@ -67,11 +68,12 @@ def backend(device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
-def start(run, device: str, spec: dict) -> Dist:
-    """Join the process group this process belongs to, or start one for ``run.num_processes``.
+def start(name: str, num_processes, device: str, spec: dict, entry: str) -> Dist:
+    """Join the process group this process belongs to, or start one of ``num_processes``.
 
-    ``spec`` holds the plain arguments of `train.train` (run as a dict, paths, fingerprint) that
-    the ranks this process starts need.
+    ``spec``: what the ranks this process starts need (JSON-serialisable; ``threads`` is added),
+    written to a file they get as their one argument: ``python -m <entry> SPEC.json``.
+    ``name``: the run, for messages.
     """
     import torch.distributed as td
 
@@ -85,7 +87,7 @@ def start(run, device: str, spec: dict) -> Dist:
         if port:
             store = td.TCPStore(HOST, int(port), env_world, is_master=False)
         return Dist(rank=rank, world=env_world, local_rank=local, store=store, device=device)
-    world = resolve_num_processes(run.num_processes, device)
+    world = resolve_num_processes(num_processes, device)
     if world == 1:
         return Dist()
     if device == "cuda":
@@ -93,7 +95,7 @@ def start(run, device: str, spec: dict) -> Dist:
 
         if torch.cuda.device_count() < world:
             raise ValueError(
-                f"runs.{run.name}.num_processes: {world} processes, but "
+                f"runs.{name}.num_processes: {world} processes, but "
                 f"{torch.cuda.device_count()} GPU(s) visible"
             )
     import torch
@@ -118,7 +120,7 @@ def start(run, device: str, spec: dict) -> Dist:
             LORAPIPE_STORE_PORT=str(store.port),
             PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
         )
-        cmd = [sys.executable, "-m", "lorapipe.distributed", str(spec_path)]
+        cmd = [sys.executable, "-m", entry, str(spec_path)]
         procs.append(subprocess.Popen(cmd, env=env))
     dist = Dist(rank=0, world=world, procs=procs, spec_dir=spec_dir, threads=threads,
                 store=store, device=device)  # fmt: skip
@@ -234,35 +236,3 @@ def all_reduce_floats(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     td.all_reduce(t, op=td.ReduceOp.SUM)
     return t.tolist()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A rank whose rank 0 was killed (kill -9) would wait in a collective (nccl: until its
-    timeout): end it when its parent is gone."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
-
-
-def main(argv: list[str]) -> int:
-    """A rank started by `start`: train with the spec rank 0 wrote; rank 0 writes every file."""
-    rank = os.environ.get("RANK", "?")
-    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
-    spec = json.loads(Path(argv[1]).read_text())
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    from .config import RunConfig
-    from .train import train
-
-    train(
-        RunConfig.from_dict(spec["run"]), spec["latent_shards"], spec["model_path"],
-        spec["out_dir"], spec["ckpt_dir"], spec["fingerprint"], stop_after=spec["stop_after"],
-        original_config=spec["original_config"],
-    )  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

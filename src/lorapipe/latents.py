@@ -71,7 +71,8 @@ def encode_shard(
     import webdataset as wds
     from safetensors.torch import save
 
-    from .models import encode_prompts, load_parts, part_fingerprint
+    from . import models
+    from .families import family_of
     from .shards import read_samples
 
     if dtype not in DTYPES:
@@ -86,15 +87,19 @@ def encode_shard(
     verify_file(shard_tar)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     store_dtype = getattr(torch, dtype)
-    parts = load_parts(model_path, ("vae", "text_encoder", "tokenizer"), original_config)
-    vae, te, tok = parts["vae"].to(device).eval(), parts["text_encoder"].to(device).eval(), parts[
-        "tokenizer"
-    ]
-    vae_id = part_fingerprint(model_path, "vae")[:16]
-    te_id = part_fingerprint(model_path, "text_encoder")[:16]
+    family = family_of(model_path, original_config)
+    parts = models.load_parts(model_path, family.latent_parts, original_config)
+    for m in family.text_encoders(parts):
+        m.to(device).eval()
+    vae = parts["vae"].to(device).eval()
+    # which VAE and text encoder(s) made a sample (single file: the whole file's digest)
+    ids = {"vae": models.part_fingerprint(model_path, "vae")[:16]}
+    for part in family.text_parts:
+        if part in family.weight_parts:
+            ids[part] = models.part_fingerprint(model_path, part)[:16]
 
     def encode_text(prompts: list[str]):
-        return encode_prompts(tok, te, prompts, device)
+        return family.encode_prompts(parts, prompts, device)
 
     def stored(t):
         return t.to(store_dtype).contiguous().cpu()
@@ -105,10 +110,8 @@ def encode_shard(
         by_size[tuple(s[2]["size"])].append(s)
     encoded: dict[str, tuple[dict, bytes]] = {}
     with torch.inference_mode():
-        # the empty prompt exactly as training tokenises it (alone, padded, no truncation flag)
-        empty = tok([""], padding="max_length", max_length=tok.model_max_length,
-                    return_tensors="pt").input_ids.to(device)
-        empty_blob = canonical_safetensors(save({"text": stored(te(empty)[0][0])}))
+        # the empty prompt (caption dropout), encoded alone as training would encode it
+        empty_blob = canonical_safetensors(save({"text": stored(encode_text([""])[0])}))
         for size in sorted(by_size):
             group = by_size[size]
             for i in range(0, len(group), batch_size):
@@ -132,7 +135,7 @@ def encode_shard(
                         "logvar": stored(dist.logvar[j]),
                         "text": stored(text[j]),
                     }
-                    meta = {**meta, "vae": vae_id, "text_encoder": te_id, "dtype": dtype}
+                    meta = {**meta, **ids, "dtype": dtype}
                     if n_var:
                         tensors["text_variants"] = stored(var[j])
                         meta["caption_variants"] = var_texts[j]

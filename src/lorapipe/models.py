@@ -6,13 +6,25 @@ hub id and failing with a confusing LocalEntryNotFoundError.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from .families import Family, family_of
 from .fingerprint import tree_digest
 
-PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+class _Unrecognised:
+    """What any diffusers pipeline folder has, for a model no family recognises (yet)."""
+
+    parts = ("unet", "scheduler")
+    config_files = ("model_index.json", "unet/config.json")
+
+
+def _family_or_none(path, original_config=None):
+    try:
+        return family_of(path, original_config)
+    except ValueError:
+        return _Unrecognised
 
 
 def check_model_path(path: str | os.PathLike) -> Path:
@@ -21,23 +33,12 @@ def check_model_path(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"base model not found: {p} (lorapipe loads local paths only)")
     if p.is_dir():
-        missing = [c for c in PARTS if not (p / c).is_dir()]
+        missing = [c for c in _family_or_none(p).parts if not (p / c).is_dir()]
         if missing:
             raise FileNotFoundError(f"{p}: not a complete diffusers folder (missing {missing})")
     elif p.suffix != ".safetensors":
         raise ValueError(f"{p}: expected a diffusers folder or a single-file .safetensors")
     return p
-
-
-# What a config folder for a single-file checkpoint must hold (no weights needed).
-CONFIG_FILES = (
-    "model_index.json",
-    "unet/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-    "scheduler/scheduler_config.json",
-    "tokenizer",
-)
 
 
 def check_config_folder(checkpoint: str | os.PathLike, config: str | os.PathLike | None) -> Path:
@@ -59,7 +60,8 @@ def check_config_folder(checkpoint: str | os.PathLike, config: str | os.PathLike
             "folder with model_index.json, component configs and tokenizer; an LDM .yaml cannot be "
             "loaded offline)"
         )
-    missing = [f for f in CONFIG_FILES if not (c / f).exists()]
+    needed = _family_or_none(checkpoint, c).config_files
+    missing = [f for f in needed if not (c / f).exists()]
     if missing:
         raise FileNotFoundError(f"original_config of {checkpoint}: {c} lacks {missing}")
     return c
@@ -77,14 +79,15 @@ def copy_configs(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out
 
 
-def load_parts(path: str | os.PathLike, parts=PARTS, original_config: str | None = None) -> dict:
+def load_parts(path: str | os.PathLike, parts=None, original_config: str | None = None) -> dict:
     """Load the named components of a base model, offline and memory-mapped.
 
     Args:
         path: a diffusers folder, or a single-file ``.safetensors`` checkpoint in the original
             LDM/CompVis key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
             ``cond_stage_model.transformer.*``), e.g. ``v1-5-pruned.safetensors``.
-        parts: which of unet, vae, text_encoder, tokenizer, scheduler to load.
+        parts: which of the family's parts to load (SD: unet, vae, text_encoder, tokenizer,
+            scheduler); None: all of them.
         original_config: for a single file (required then): a local diffusers folder whose
             configs, tokenizer and scheduler describe it; its weights, if any, are not read.
 
@@ -102,47 +105,38 @@ def load_parts(path: str | os.PathLike, parts=PARTS, original_config: str | None
     except on an HF mount.
     """
     p = check_model_path(path)
-    unknown = [x for x in parts if x not in PARTS]
+    if p.is_file():
+        cfg = check_config_folder(p, original_config)
+    family = family_of(p, original_config)
+    parts = family.parts if parts is None else tuple(parts)
+    unknown = [x for x in parts if x not in family.parts]
     if unknown:
-        raise ValueError(f"unknown model part(s) {unknown} (have: {', '.join(PARTS)})")
+        raise ValueError(f"unknown model part(s) {unknown} (have: {', '.join(family.parts)})")
     if p.is_dir():
-        return {part: _load_folder_part(p, part) for part in parts}
-    cfg = check_config_folder(p, original_config)
+        return {part: _load_folder_part(family, p, part) for part in parts}
     out = {}
-    weights = [k for k in parts if k in WEIGHT_PARTS]
+    weights = [k for k in parts if k in family.weight_parts]
     if weights:
-        pipe = _single_file_pipeline(p, cfg, skip=[k for k in PARTS if k not in weights])
+        skip = [k for k in family.parts if k not in weights]
+        pipe = _single_file_pipeline(family, p, cfg, skip=skip)
         out = {k: getattr(pipe, k) for k in weights}
     # tokenizer and scheduler are not in the file: the same loaders as for a folder
-    out.update({k: _load_folder_part(cfg, k) for k in parts if k not in WEIGHT_PARTS})
+    rest = [k for k in parts if k not in family.weight_parts]
+    out.update({k: _load_folder_part(family, cfg, k) for k in rest})
     return {k: out[k] for k in parts}
 
 
-WEIGHT_PARTS = ("unet", "vae", "text_encoder")
-
-
-def _load_folder_part(folder: Path, part: str):
-    if part == "unet":
-        from diffusers import UNet2DConditionModel as cls
-    elif part == "vae":
-        from diffusers import AutoencoderKL as cls
-    elif part == "text_encoder":
-        from transformers import CLIPTextModel as cls
-    elif part == "tokenizer":
-        from transformers import CLIPTokenizer as cls
-    else:  # training wants the DDPM forward process whatever sampler the folder names
-        from diffusers import DDPMScheduler as cls
+def _load_folder_part(family: Family, folder: Path, part: str):
+    cls = family.part_class(part)
     return cls.from_pretrained(str(folder), subfolder=part, local_files_only=True)
 
 
-def _single_file_pipeline(p: Path, cfg: Path, skip=()):
+def _single_file_pipeline(family: Family, p: Path, cfg: Path, skip=()):
     """``from_single_file`` with every config from the local folder ``cfg``: no hub access.
 
     Components named in ``skip`` are passed as None, so they are neither read nor converted.
     """
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_single_file(
+    return family.pipeline_class().from_single_file(
         str(p),
         config=str(cfg),
         local_files_only=True,
@@ -154,13 +148,12 @@ def _single_file_pipeline(p: Path, cfg: Path, skip=()):
 
 
 def load_pipeline(path: str | os.PathLike, original_config: str | None = None):
-    """A StableDiffusionPipeline (sampler from the model's own config) for a folder or a file."""
+    """The family's sampling pipeline (sampler from the model's own config), folder or file."""
     p = check_model_path(path)
     if p.is_file():
-        return _single_file_pipeline(p, check_config_folder(p, original_config))
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(
+        cfg = check_config_folder(p, original_config)
+        return _single_file_pipeline(family_of(p, cfg), p, cfg)
+    return family_of(p).pipeline_class().from_pretrained(
         str(p), local_files_only=True, safety_checker=None, requires_safety_checker=False
     )
 
@@ -186,26 +179,8 @@ def lora_config(rank: int, alpha: float, targets, dropout: float = 0.0):
     )
 
 
-# CLIP text-encoder modules that get a LoRA when the text encoder is trained (kohya's SD-1.x set)
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None):
-    """Text-encoder outputs (N, L, D) of ``prompts``: padded to the tokenizer's max length,
-    truncated. The latent cache and text-encoder training both encode through here, so a trained
-    text encoder sees its prompts exactly as the cache would have stored them."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids  # fmt: skip
-    return text_encoder(ids.to(device) if device is not None else ids)[0]
-
 
 def adapter_metadata(cfg) -> dict:
     """LoraConfig as JSON-stable metadata (sets sorted, so bytes are the same in every process)."""
     d = cfg.to_dict()
     return {k: sorted(v) if isinstance(v, set | frozenset) else v for k, v in d.items()}
-
-
-def metadata_json(d: dict) -> str:
-    return json.dumps(d, sort_keys=True)

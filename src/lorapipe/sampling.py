@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
 from .io import atomic_path
+from .training.checkpoints import LORA_FILE, saved_exports
 
 log = logging.getLogger(__name__)
-STEP_DIR = re.compile(r"^step-(\d{6})$")
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 class _Sampler:
@@ -94,25 +92,6 @@ def render_samples(
     s.grid(base, s.row(), out_png)
 
 
-def exports_dir(checkpoints: str | os.PathLike, fingerprint: str) -> Path:
-    """Where training writes the exports of each saved step of a run (see `train.train`)."""
-    return Path(checkpoints) / fingerprint[:16] / "exports"
-
-
-def saved_steps(exports_dir: str | os.PathLike) -> dict[int, Path]:
-    """``{step: folder}`` of the complete exports in ``exports_dir`` (training writes each in a
-    hidden temporary folder and renames it, so a listed ``step-NNNNNN`` is complete)."""
-    root = Path(exports_dir)
-    if not root.is_dir():
-        return {}
-    found = {}
-    for p in root.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and (p / LORA_FILE).is_file():
-            found[int(m.group(1))] = p
-    return dict(sorted(found.items()))
-
-
 def render_step_grids(
     model_path: str,
     exports_dir: str | os.PathLike,
@@ -125,7 +104,8 @@ def render_step_grids(
     seed: int = 0,
     original_config: str | None = None,
 ) -> list[Path]:
-    """``out_dir/step-NNNNNN.png`` for each saved step in ``exports_dir`` (the grid of
+    """``out_dir/step-NNNNNN.png`` for each saved step in ``exports_dir`` (a run's
+    `checkpoints.Layout.exports`; the grid of
     `render_samples` with that step's LoRA), and the final grid ``final_png`` (samples.png,
     already rendered) copied in as the final step's. The base row is the top row of
     ``final_png`` (the same prompts, seeds and settings draw it): only the LoRA rows are drawn.
@@ -134,7 +114,7 @@ def render_step_grids(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = {k: v for k, v in saved_steps(exports_dir).items() if k < final_step}
+    todo = {k: v for k, v in saved_exports(exports_dir).items() if k < final_step}
     written = []
     if todo:
         s = _Sampler(model_path, prompts, steps, size, seed, original_config)

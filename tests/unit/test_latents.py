@@ -150,7 +150,7 @@ def without_empty_prompt(src_tar: Path, dst: Path) -> Path:
 def test_caption_tensor_picks_variants_from_the_sample_generator():
     import torch
 
-    from lorapipe.train import _caption_tensor
+    from lorapipe.training.batches import caption_tensor as _caption_tensor
 
     text, empty = torch.zeros(2, 3), torch.full((2, 3), -1.0)
     variants = torch.stack([torch.full((2, 3), float(k + 1)) for k in range(3)])

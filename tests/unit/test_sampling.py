@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorapipe.sampling import render_samples, render_step_grids, saved_steps
+from lorapipe.sampling import render_samples, render_step_grids
+from lorapipe.training.checkpoints import saved_exports
 
 PROMPTS = ["a picture in lorapipe style", "a red square"]
 KW = {"steps": 2, "size": 64, "seed": 5}
@@ -56,8 +57,8 @@ def exports(tmp_path_factory, tiny_model) -> Path:
 
 
 def test_saved_steps_lists_complete_exports_only(exports, tmp_path):
-    assert list(saved_steps(exports)) == [2, 4]
-    assert saved_steps(tmp_path / "missing") == {}
+    assert list(saved_exports(exports)) == [2, 4]
+    assert saved_exports(tmp_path / "missing") == {}
 
 
 def test_step_grids_match_render_samples_and_end_with_the_final_grid(exports, tiny_model, tmp_path):

@@ -52,9 +52,12 @@ def test_prompt_text_is_the_cached_choice(shards, tiny_model):
     untrained text encoder, it is the cached tensor (caption, variant or empty prompt)."""
     import torch
 
+    from lorapipe.families import family_of
     from lorapipe.latents import load_latent_cache
-    from lorapipe.models import encode_prompts, load_parts
-    from lorapipe.train import _caption_tensor, _caption_text, _draw
+    from lorapipe.models import load_parts
+    from lorapipe.training.batches import caption_tensor as _caption_tensor
+    from lorapipe.training.batches import caption_text as _caption_text
+    from lorapipe.training.batches import draw as _draw
 
     parts = load_parts(tiny_model, ("text_encoder", "tokenizer"))
     kinds = set()
@@ -71,7 +74,8 @@ def test_prompt_text_is_the_cached_choice(shards, tiny_model):
                 t = texts[-1]
                 kinds.add("" if not t else "variant" if t in variants else "caption")
         with torch.inference_mode():
-            got = encode_prompts(parts["tokenizer"], parts["text_encoder"].eval(), texts)
+            parts["text_encoder"].eval()
+            got = family_of(tiny_model).encode_prompts(parts, texts)
         assert torch.allclose(got, torch.stack(cached), atol=1e-5), cache
     assert kinds == {"", "variant", "caption"}
 

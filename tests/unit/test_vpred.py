@@ -70,7 +70,8 @@ def first_step_loss(run, latents, model_path, target: str) -> float:
 
     from lorapipe.latents import load_latent_shards
     from lorapipe.models import load_parts, vae_scaling_factor
-    from lorapipe.train import _draw, epoch_batches
+    from lorapipe.training.batches import draw as _draw
+    from lorapipe.training.batches import epoch_batches
 
     parts = load_parts(model_path, ("unet", "vae", "scheduler"))
     unet, sched = parts["unet"].eval(), parts["scheduler"]
