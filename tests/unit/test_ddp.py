@@ -81,6 +81,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(latents, tin
     assert sorted(p.name for p in (tmp_path / "c2" / ("6" * 16 + "-x2")).glob("step-*")) == [
         "step-000002"
     ]
+    # the per-step sample grids (rule sample_steps) find this run's step exports through the
+    # layout its summary names (they looked in "<fingerprint>/" and drew none for -x2 runs)
+    from lorapipe.sampling import render_samples, render_step_grids
+    from lorapipe.training.checkpoints import Layout
+
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    exports = Layout.of_summary(tmp_path / "c2", "6" * 64, summary).exports
+    assert exports == tmp_path / "c2" / ("6" * 16 + "-x2") / "exports"
+    final = tmp_path / "two" / "samples.png"
+    render_samples(str(tiny_model), tmp_path / "two", ["a thing"], final, steps=2, size=64)
+    pngs = render_step_grids(str(tiny_model), exports, ["a thing"], tmp_path / "grids", final,
+                             s2["steps"], steps=2, size=64)  # fmt: skip
+    assert [p.name for p in pngs] == ["step-000002.png", "step-000004.png"]
 
 
 def test_two_processes_resume_from_a_checkpoint(latents, tiny_model, tmp_path):
