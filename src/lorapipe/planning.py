@@ -1,0 +1,405 @@
+"""What the workflow plans before any job runs: image lists, shard assignment, param stamps,
+caption edits per shard, base model file lists and the per-run paths the rules name.
+
+``rules/common.smk`` builds one :class:`Planner` from the loaded config and its input functions
+delegate to it. This runs at every Snakemake plan (and in every cluster job), so it imports only
+the stdlib and cheap lorapipe modules: no torch, no diffusers.
+
+Images of a folder dataset are not declared inputs: Snakemake 9 checks every declared input of
+every ready job on each scheduling round (55 of 76 s at 10k images). A per-shard stamp param
+(path, size, mtime_ns of its images) restales exactly the shard whose images were added, removed
+or changed. A synthetic dataset's files are made by a rule, so they stay inputs. Which of the two
+a dataset is gets decided once, in :func:`make_dataset`.
+
+A file the plan cannot stat (a link that points nowhere or in a circle) or whose name is not valid
+UTF-8 never stops the plan: it gets a stable marker in the stamp and a shard like any other file,
+and the manifest stage names it in rejected.tsv.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from snakemake.exceptions import WorkflowError
+
+from .captions import SIDECAR_EXTENSIONS, read_overrides
+from .config import resolve_run
+from .demo import demo_files
+from .images import IMAGE_EXTENSIONS
+from .manifest import list_images, shard_of
+
+# Files of each part of a model the workflow builds (``tiny``), as tiny_model writes them.
+MODEL_FILES = {
+    "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "vae": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "text_encoder": ["config.json", "model.safetensors"],
+    "tokenizer": ["tokenizer.json", "tokenizer_config.json"],
+    "scheduler": ["scheduler_config.json"],
+}
+# Weights in the `original_config` folder of a single-file checkpoint are never read.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
+ENCODE_PARTS = ("vae", "text_encoder", "tokenizer")
+
+
+def name_bytes(rel: str) -> bytes:
+    """The bytes of a relative path as the file system holds them, also for a name that is not
+    valid UTF-8 (``os.walk`` gives those as surrogate escapes); plain UTF-8 for every other."""
+    return rel.encode("utf-8", "surrogateescape")
+
+
+def shard_index(rel: str, shards: int) -> int:
+    """The shard of an image: :func:`lorapipe.manifest.shard_of`, also for a non-UTF-8 name.
+
+    ``shard_of`` hashes ``relpath.encode("utf-8")``, which raises on such a name; it then gets the
+    same hash of its raw bytes (what ``shard_of`` gives once it encodes with surrogateescape).
+    """
+    try:
+        return shard_of(rel, shards)
+    except UnicodeEncodeError:
+        digest = hashlib.sha1(name_bytes(rel)).digest()
+        return int.from_bytes(digest[:8], "big") % shards
+
+
+def file_stamp(root: str | os.PathLike, rels: Sequence[str]) -> str:
+    """Digest of (relative path, size, mtime_ns) of each file: changes when any of them does.
+
+    A file that cannot be stat'ed (a dangling or circular link) adds a stable marker naming the
+    error instead, so the plan goes on and the stamp changes once the file can be read.
+    """
+    h = hashlib.sha256()
+    for rel in rels:
+        try:
+            st = os.stat(Path(root) / rel)
+            tail = f"\0{st.st_size}\0{st.st_mtime_ns}\n"
+        except OSError as e:
+            tail = f"\0unreadable\0{errno.errorcode.get(e.errno, e.errno)}\n"
+        h.update(name_bytes(rel) + tail.encode())
+    return f"{len(rels)}:{h.hexdigest()[:32]}"
+
+
+class Dataset:
+    """A configured dataset: a folder of images (:class:`FolderDataset`) or one the workflow
+    generates (:class:`GeneratedDataset`). The rest of the plan never asks which."""
+
+    generated = False
+
+    def __init__(self, key: str, settings: Mapping[str, Any]):
+        self.key = key
+        self.settings = settings
+        self.root = Path(settings["path"])
+
+    def list_images(self) -> list[str]:
+        """Relative paths of the dataset's images, sorted."""
+        raise NotImplementedError
+
+    def has_file(self, rel: str) -> bool:
+        """Whether the dataset has the file ``rel`` (relative to its folder)."""
+        return (self.root / rel).is_file()
+
+    def inputs(self, rels: Sequence[str]) -> list[str]:
+        """The files of ``rels`` that a job declares as inputs (those a rule makes)."""
+        return [str(self.root / rel) for rel in rels] if self.generated else []
+
+    def stamp(self, rels: Sequence[str]) -> str:
+        """The param that restales a job when files of ``rels`` change (see the module doc)."""
+        return "generated" if self.generated else file_stamp(self.root, rels)
+
+
+class FolderDataset(Dataset):
+    """Images in a folder the user provides; they are read in place and stamped, not declared."""
+
+    def list_images(self) -> list[str]:
+        """Every image file under the folder (see :func:`lorapipe.manifest.list_images`)."""
+        return list_images(self.root)
+
+
+class GeneratedDataset(Dataset):
+    """A synthetic dataset made by rule demo_data: its files are known without generating it."""
+
+    generated = True
+
+    def __init__(self, key: str, settings: Mapping[str, Any]):
+        super().__init__(key, settings)
+        self.files = demo_files(settings["synthetic"]["images"])
+        self._file_set = set(self.files)
+
+    def list_images(self) -> list[str]:
+        """The images rule demo_data writes."""
+        return sorted(f for f in self.files if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+
+    def has_file(self, rel: str) -> bool:
+        """A file the rule writes, or one a person added to the folder since."""
+        return rel in self._file_set or super().has_file(rel)
+
+
+def make_dataset(key: str, settings: Mapping[str, Any]) -> Dataset:
+    """The one place that tells a generated dataset (``synthetic:``) from a folder."""
+    cls = GeneratedDataset if "synthetic" in settings else FolderDataset
+    return cls(key, settings)
+
+
+def sidecar_of(rel: str, has_file) -> str | None:
+    """The sidecar caption of image ``rel`` that ``has_file`` finds (``.txt`` before
+    ``.caption``), as a relative path, or None."""
+    stem = rel.rsplit(".", 1)[0]
+    for ext in SIDECAR_EXTENSIONS:
+        if has_file(stem + ext):
+            return stem + ext
+    return None
+
+
+class Planner:
+    """The plan of one loaded config. Listings, shard assignment and caption edits are read once
+    per dataset and kept, so every job of a plan sees the same files (and pays for them once).
+
+    Args:
+        config: the config as :func:`lorapipe.config.load_config` left it (defaults filled).
+    """
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = config
+        self.datasets = {k: make_dataset(k, ds) for k, ds in config["datasets"].items()}
+        self.models = config["base_models"]
+        self.runs = {name: resolve_run(config, name) for name in config["runs"]}
+        self._images: dict[str, list[str]] = {}
+        self._by_shard: dict[str, dict[int, list[str]]] = {}
+        self._overrides: dict[str, dict[str, str]] = {}
+        self._model_files: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+
+    # Datasets and shards
+
+    def dataset_settings(self, dataset: str) -> Mapping[str, Any]:
+        """The dataset's block of the config (defaults filled)."""
+        return self.datasets[dataset].settings
+
+    def root(self, dataset: str) -> str:
+        """The dataset's folder, as configured."""
+        return self.dataset_settings(dataset)["path"]
+
+    def shard_ids(self, dataset: str) -> list[str]:
+        """The shard wildcards of a dataset: ``00000`` … (known without listing its images)."""
+        return [f"{i:05d}" for i in range(self.dataset_settings(dataset)["shards"])]
+
+    def images(self, dataset: str) -> list[str]:
+        """Relative paths of the dataset's images (known without generating synthetic data).
+
+        Raises:
+            WorkflowError: the dataset has no images, naming the dataset and its folder.
+        """
+        if dataset not in self._images:
+            ds = self.datasets[dataset]
+            files = ds.list_images()
+            if not files:
+                root = ds.root if ds.root.is_absolute() else f"{ds.root} ({ds.root.resolve()})"
+                raise WorkflowError(
+                    f"datasets.{dataset}.path: no images in {root} (hidden files and folders "
+                    f"are skipped): add image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) or "
+                    "fix the path"
+                )
+            self._images[dataset] = files
+        return self._images[dataset]
+
+    def shard_relpaths(self, dataset: str, shard: str | int) -> list[str]:
+        """Images of one shard; all shards are assigned in one pass (not one pass per shard)."""
+        if dataset not in self._by_shard:
+            n = self.dataset_settings(dataset)["shards"]
+            groups: dict[int, list[str]] = {i: [] for i in range(n)}
+            for rel in self.images(dataset):
+                groups[shard_index(rel, n)].append(rel)
+            self._by_shard[dataset] = groups
+        return self._by_shard[dataset][int(shard)]
+
+    def shard_inputs(self, dataset: str, shard: str) -> list[str]:
+        """Images of a shard as declared inputs: those a rule generates; none of a folder's.
+
+        The shard is assigned either way, so an empty folder fails the plan here.
+        """
+        return self.datasets[dataset].inputs(self.shard_relpaths(dataset, shard))
+
+    def shard_stamp(self, dataset: str, shard: str) -> str:
+        """Stamp of a folder dataset shard's images; "generated" for synthetic data."""
+        return self.datasets[dataset].stamp(self.shard_relpaths(dataset, shard))
+
+    def shard_sidecars(self, dataset: str, shard: str) -> list[str]:
+        """Relative paths of the sidecar captions of a shard's images that exist."""
+        ds = self.datasets[dataset]
+        found = (sidecar_of(rel, ds.has_file) for rel in self.shard_relpaths(dataset, shard))
+        return [s for s in found if s is not None]
+
+    def sidecar_inputs(self, dataset: str, shard: str) -> list[str]:
+        """Sidecars made by a rule (synthetic datasets) as inputs; a folder's are in the stamp."""
+        return self.datasets[dataset].inputs(self.shard_sidecars(dataset, shard))
+
+    def sidecar_stamp(self, dataset: str, shard: str) -> str:
+        """A new, edited or removed sidecar restales only its shard's captions."""
+        return self.datasets[dataset].stamp(self.shard_sidecars(dataset, shard))
+
+    def shard_overrides(self, dataset: str, shard: str) -> dict[str, str]:
+        """A person's caption edits (captions.csv) for this shard only: a param, so editing one
+        row restales only the shard holding that image."""
+        if dataset not in self._overrides:
+            path = self.datasets[dataset].root / "captions.csv"
+            self._overrides[dataset] = read_overrides(path) if path.is_file() else {}
+        mine = set(self.shard_relpaths(dataset, shard))
+        return {k: v for k, v in sorted(self._overrides[dataset].items()) if k in mine}
+
+    def dataset_manifests(self, dataset: str) -> list[str]:
+        """The per-shard manifests merge_manifest reads."""
+        return [f"results/{dataset}/manifest/{s}.jsonl" for s in self.shard_ids(dataset)]
+
+    def _pick(self, dataset: str, keys: Sequence[str]) -> dict[str, Any]:
+        ds = self.dataset_settings(dataset)
+        return {k: ds[k] for k in keys}
+
+    def scan_settings(self, dataset: str) -> dict[str, Any]:
+        """What decides whether an image is accepted (rule manifest)."""
+        return self._pick(dataset, ("resolution", "min_size", "max_pixels", "background"))
+
+    def caption_settings(self, dataset: str) -> dict[str, Any]:
+        """The captioner and its settings (rule caption)."""
+        ds = self.dataset_settings(dataset)
+        return {
+            "captioner": ds["captioner"],
+            "template": ds["caption_template"],
+            "trigger": ds["trigger"],
+            "prefix": ds["caption_prefix"],
+            "blip_model": ds["blip_model"],
+        }
+
+    def variant_settings(self, dataset: str) -> dict[str, Any]:
+        """How caption variants are made for the text-encoder cache (rule encode)."""
+        keys = ("caption_variants", "shuffle_captions", "keep_tokens", "tag_dropout")
+        return self._pick(dataset, keys)
+
+    def shard_settings(self, dataset: str) -> dict[str, Any]:
+        """Bucketing, resizing and padding of a WebDataset shard (rule shard)."""
+        keys = ("resolution", "bucket_step", "buckets", "max_pixels", "background")
+        return self._pick(dataset, keys)
+
+    # Base models
+
+    def model_built(self, model: str) -> bool:
+        """Whether the workflow builds the model (``tiny``) rather than reading it in place."""
+        return "tiny" in self.models[model]
+
+    def model_path(self, model: str) -> str:
+        """The model's configured path (a diffusers folder or a single .safetensors file)."""
+        return self.models[model]["path"]
+
+    def original_config(self, model: str) -> str | None:
+        """For a single-file base model: the local diffusers folder that describes it."""
+        return self.models[model].get("original_config")
+
+    def model_files(self, model: str, parts: Sequence[str] = tuple(MODEL_FILES)) -> list[str]:
+        """Files of a base model a rule reads (so a changed model restales exactly its users).
+
+        A built model's files are known from :data:`MODEL_FILES`; a diffusers folder's are every
+        file of the asked parts (plus model_index.json); a single file's are the file plus its
+        `original_config` folder without weights.
+        """
+        key = (model, tuple(parts))
+        if key not in self._model_files:
+            self._model_files[key] = self._list_model_files(model, parts)
+        return list(self._model_files[key])
+
+    def _list_model_files(self, model: str, parts: Sequence[str]) -> list[str]:
+        path = Path(self.model_path(model))
+        if path.suffix == ".safetensors":
+            conf = Path(self.models[model]["original_config"])
+            return [str(path)] + sorted(
+                str(p) for p in conf.rglob("*") if p.is_file() and p.suffix not in WEIGHT_SUFFIXES
+            )
+        built = self.model_built(model)
+        out = ["model_index.json"] if built or (path / "model_index.json").exists() else []
+        for part in parts:
+            if built:
+                out += [f"{part}/{f}" for f in MODEL_FILES[part]]
+            else:
+                out += sorted(
+                    str(p.relative_to(path)) for p in (path / part).rglob("*") if p.is_file()
+                )
+        return [str(path / f) for f in out]
+
+    # Runs
+
+    def latent_dtype(self, run: str) -> str:
+        """Stored dtype of a run's latent cache: bf16 when the run trains in bf16 (or asked)."""
+        r = self.runs[run]
+        want = self.dataset_settings(r.dataset)["latent_dtype"]
+        if want != "auto":
+            return want
+        return "bfloat16" if r.mixed_precision == "bf16" else "float32"
+
+    def latent_dir(self, run: str) -> str:
+        """The latent cache a run reads: shared by every run of one model, resolution, dtype."""
+        r = self.runs[run]
+        res = self.dataset_settings(r.dataset)["resolution"]
+        return f"results/{r.dataset}/latents/{r.base_model}-{res}-{self.latent_dtype(run)}"
+
+    def run_dataset(self, run: str) -> str:
+        """The dataset a run trains on."""
+        return self.runs[run].dataset
+
+    def run_model_path(self, run: str) -> str:
+        """The path of a run's base model."""
+        return self.model_path(self.runs[run].base_model)
+
+    def run_latents(self, run: str) -> list[str]:
+        """The latent shards a run trains on."""
+        ds = self.runs[run].dataset
+        return [f"{self.latent_dir(run)}/{s}.tar" for s in self.shard_ids(ds)]
+
+    def run_latent_sidecars(self, run: str) -> list[str]:
+        """The latent shards' checksum sidecars: training verifies each shard against its own."""
+        return [f"{tar}.sha256" for tar in self.run_latents(run)]
+
+    def run_captions(self, run: str) -> list[str]:
+        """The caption files of a run's dataset (rule export counts them)."""
+        ds = self.runs[run].dataset
+        return [f"results/{ds}/captions/{s}.jsonl" for s in self.shard_ids(ds)]
+
+    def run_manifest(self, run: str) -> str:
+        """The merged manifest of a run's dataset."""
+        return f"results/{self.runs[run].dataset}/manifest.jsonl"
+
+    def run_settings(self, run: str) -> dict[str, Any]:
+        """A run's resolved settings."""
+        return self.runs[run].to_dict()
+
+    def run_context(self, run: str, libraries: Mapping[str, Any]) -> dict[str, Any]:
+        """What a run's config.yaml records besides its own settings."""
+        r = self.runs[run]
+        return {
+            "dataset": {"name": r.dataset, **self.dataset_settings(r.dataset)},
+            "base_model": {"name": r.base_model, **self.models[r.base_model]},
+            "libraries": dict(libraries),
+        }
+
+    def train_processes(self, run: str) -> int:
+        """num_processes as an int; `auto` (one per GPU the job gets) counts as 1 at plan time."""
+        n = self.runs[run].num_processes
+        return n if isinstance(n, int) else 1
+
+    def train_gpus(self, run: str) -> int:
+        """GPUs to reserve: num_processes when > 1 (data-parallel on GPUs), else 0."""
+        n = self.train_processes(run)
+        return n if n > 1 else 0
+
+    def final_outputs(self) -> list[str]:
+        """What `snakemake` with no target builds: every run's files and its dataset's views."""
+        out = []
+        for run in self.runs:
+            out += [
+                f"results/runs/{run}/pytorch_lora_weights.safetensors",
+                f"results/runs/{run}/{run}.safetensors",
+                f"results/runs/{run}/samples.png",
+                f"results/runs/{run}/mlflow.json",
+            ]
+        for ds in dict.fromkeys(r.dataset for r in self.runs.values()):
+            out += [f"results/{ds}/manifest.jsonl", f"results/{ds}/rejected.tsv"]
+        return out
