@@ -20,7 +20,7 @@ rule caption:
         overrides=get_shard_overrides,
         sidecars=get_shard_sidecar_stamp,
         cache="results/cache/captions",
-        code=code_version("captions", "manifest", "io"),
+        code=script_code("caption"),
         integrity=integrity_param("results/{dataset}/captions/{shard}.jsonl", workflow),
     script:
         "../scripts/caption.py"
@@ -45,6 +45,6 @@ for _name in DATASETS:
         conda:
             ENV
         params:
-            code=code_version("captions", "manifest", "io"),
+            code=script_code("captions_review"),
         script:
             "../scripts/captions_review.py"

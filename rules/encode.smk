@@ -26,7 +26,7 @@ rule encode:
         dtype="{dtype}",
         batch_size=8,
         variants=get_variant_settings,
-        code=code_version("latents", "captions", "models", "shards", "io"),
+        code=script_code("encode"),
         libs=LIBS_TORCH,
         integrity=integrity_param(
             "results/{dataset}/latents/{model}-{res}-{dtype}/{shard}.tar", workflow

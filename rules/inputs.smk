@@ -17,7 +17,7 @@ for _name, _bm in MODELS.items():
         params:
             path=first_output_dir,
             seed=_bm["tiny"]["seed"],
-            code=code_version("tiny"),
+            code=script_code("tiny_model"),
             libs=LIBS_TORCH,
         script:
             "../scripts/tiny_model.py"
@@ -40,6 +40,6 @@ for _name, _ds in DATASETS.items():
             path=first_output_dir,
             images=_ds["synthetic"]["images"],
             seed=_ds["synthetic"]["seed"],
-            code=code_version("demo"),
+            code=script_code("demo_data"),
         script:
             "../scripts/demo_data.py"

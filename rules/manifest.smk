@@ -19,7 +19,7 @@ rule manifest:
         stamp=get_shard_stamp,
         settings=get_scan_settings,
         cache="results/cache/scan/{dataset}/{shard}.jsonl",
-        code=code_version("images", "manifest", "io"),
+        code=script_code("manifest"),
         pil=LIBS_IMAGE,
         # changes when the output was damaged after it was written: rebuilds it (lorapipe.io)
         integrity=integrity_param("results/{dataset}/manifest/{shard}.jsonl", workflow),
@@ -39,6 +39,6 @@ rule merge_manifest:
     conda:
         ENV
     params:
-        code=code_version("manifest", "io"),
+        code=script_code("merge_manifest"),
     script:
         "../scripts/merge_manifest.py"

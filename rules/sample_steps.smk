@@ -20,6 +20,6 @@ rule sample_steps:
     params:
         model_path=get_run_model_path,
         checkpoints="results/checkpoints/{run}",
-        code=code_version("sampling", "models", "runs", "io"),
+        code=script_code("sample_steps"),
     script:
         "../scripts/sample_steps.py"

@@ -21,7 +21,7 @@ rule shard:
     params:
         root=get_root,
         settings=get_shard_settings,
-        code=code_version("shards", "images", "manifest", "io"),
+        code=script_code("shard"),
         pil=LIBS_IMAGE,
         integrity=integrity_param("results/{dataset}/shards/{shard}.tar", workflow),
     script:

@@ -20,6 +20,6 @@ rule track:
     params:
         uri=get_mlflow_uri,
         experiment=config["mlflow"]["experiment"],
-        code=code_version("tracking", "runs", "fingerprint", "io"),
+        code=script_code("track"),
     script:
         "../scripts/track.py"

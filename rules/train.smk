@@ -12,9 +12,7 @@ rule run_config:
     params:
         run=get_run_settings,
         context=get_run_context,
-        code=code_version(
-            "train", "distributed", "models", "latents", "config", "runs", "io"
-        ),
+        code=script_code("run_config", "train"),  # in the run fingerprint: training code
     script:
         "../scripts/run_config.py"
 
@@ -61,17 +59,7 @@ rule train:
             k: config["mlflow"][k]
             for k in ("live", "live_every_steps", "live_every_s")
         },
-        code=code_version(
-            "train",
-            "distributed",
-            "models",
-            "latents",
-            "config",
-            "io",
-            "export",
-            "runs",
-            "tracking",
-        ),
+        code=script_code("train"),
     script:
         "../scripts/train.py"
 
@@ -91,7 +79,7 @@ rule export:
         ENV
     params:
         dataset=get_run_dataset,
-        code=code_version("export", "runs", "io"),
+        code=script_code("export"),
     script:
         "../scripts/export.py"
 
@@ -117,6 +105,6 @@ rule sample:
     threads: 2
     params:
         model_path=get_run_model_path,
-        code=code_version("sampling", "models", "io"),
+        code=script_code("sample"),
     script:
         "../scripts/sample.py"

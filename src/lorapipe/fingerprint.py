@@ -1,15 +1,19 @@
 """Cheap fingerprints for rerun triggers and run identity. No torch, no diffusers.
 
-Snakemake's "code" trigger sees a rule's script, not the package it imports, so every rule puts
-``code_version(<modules it uses>)`` into its params: editing train.py restales training and nothing
-upstream of it.
+Snakemake's "code" trigger sees a rule's script (by its mtime), not the package it imports, so
+every rule puts ``script_code(<its script>)`` into its params: a digest of every lorapipe module
+the script reaches through its imports, found statically (`script_modules`). Editing train.py
+restales the stages that import it, directly or not, and nothing else; no module list is kept by
+hand, so a new or split module is covered the moment something imports it.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -18,11 +22,184 @@ PKG_DIR = Path(__file__).resolve().parent
 
 
 def code_version(*modules: str) -> str:
-    """sha256 (16 hex) of the source of the named lorapipe modules: ``code_version("train")``."""
+    """sha256 (16 hex) of the source of the named top-level lorapipe modules, an explicit list:
+    ``code_version("train")``. Rules use `script_code`, which finds the list itself."""
     h = hashlib.sha256()
     for name in sorted(set(modules)):
         h.update(name.encode() + b"\0" + (PKG_DIR / f"{name}.py").read_bytes())
     return h.hexdigest()[:16]
+
+
+# -- Code a stage runs: the import closure of its script ------------------------------------------
+#
+# Per process, nothing is read twice: every rule of a Snakemake plan calls `script_code`, and the
+# modules they reach overlap. The caches assume the source does not change while a process plans.
+_LOCATE: dict[tuple[Path, str], tuple[Path | None, bool] | None] = {}
+_IMPORTS: dict[tuple[Path, str, Path], frozenset[str]] = {}
+_CLOSURES: dict[tuple[Path, Path], tuple[str, ...]] = {}
+_DIGESTS: dict[tuple[Path, tuple[str, ...]], str] = {}
+
+
+def clear_code_cache() -> None:
+    """Forget what `script_modules` and `script_code` found (for a process that edits source)."""
+    for cache in (_LOCATE, _IMPORTS, _CLOSURES, _DIGESTS):
+        cache.clear()
+
+
+def _locate(src_root: Path, name: str) -> tuple[Path | None, bool] | None:
+    """(source file or None, is a package) of dotted module ``name`` under ``src_root``; None
+    when there is no such module. Like Python: a package folder before a module file, then a
+    folder without ``__init__.py`` (a namespace package: no source of its own)."""
+    key = (src_root, name)
+    if key not in _LOCATE:
+        base = src_root.joinpath(*name.split("."))
+        if (base / "__init__.py").is_file():
+            found = (base / "__init__.py", True)
+        elif base.with_name(base.name + ".py").is_file():
+            found = (base.with_name(base.name + ".py"), False)
+        elif base.is_dir():
+            found = (None, True)
+        else:
+            found = None
+        _LOCATE[key] = found
+    return _LOCATE[key]
+
+
+def _resolve_from(node: ast.ImportFrom, name: str, is_package: bool) -> str | None:
+    """The absolute module a ``from X import ...`` statement in module ``name`` imports from;
+    None when a relative import leaves the package (or the importer is not in one)."""
+    if not node.level:
+        return node.module
+    parts = (name if is_package else name.rpartition(".")[0]).split(".") if name else []
+    if node.level - 1 >= len(parts) or not parts[0]:
+        return None
+    base = parts[: len(parts) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _import_module_arg(node: ast.Call) -> str | None:
+    """``"pkg.mod"`` of ``importlib.import_module("pkg.mod")`` / ``__import__("pkg.mod")``."""
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    if called not in ("import_module", "__import__") or not node.args:
+        return None
+    arg = node.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value[:1] != ".":
+        return arg.value
+    return None
+
+
+def _imported_names(source: bytes, name: str, is_package: bool, filename: str):
+    """(imports, mentions) of a module's source. Imports: every dotted name it may import,
+    anywhere (function bodies, ``try``, ``if TYPE_CHECKING`` included: a deferred import is code
+    the stage runs); a name may be a module or an attribute (``from .x import y``), `_reached`
+    keeps what is a module. Mentions: string literals that are a dotted name, such as the
+    module of a ``python -m <package>.worker`` subprocess: code a stage starts, not imports;
+    they count only when they name a module."""
+    imports: set[str] = set()
+    mentions: set[str] = set()
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Import):
+            imports.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve_from(node, name, is_package)
+            if base:
+                imports.add(base)
+                imports.update(f"{base}.{a.name}" for a in node.names if a.name != "*")
+        elif isinstance(node, ast.Call) and (target := _import_module_arg(node)):
+            imports.add(target)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if _DOTTED.fullmatch(node.value):
+                mentions.add(node.value)
+    return imports, mentions
+
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+
+
+def _module_imports(path: Path, name: str, is_package: bool, src_root: Path) -> frozenset[str]:
+    """The dotted names one file makes Python run (see `_imported_names`; a mention only when
+    it names a module under ``src_root``), parsed once per process. A file that does not parse
+    names nothing here (its own bytes are still in the digest, and its stage cannot run)."""
+    key = (path, name, src_root)
+    if key not in _IMPORTS:
+        try:
+            imports, mentions = _imported_names(path.read_bytes(), name, is_package, str(path))
+        except (SyntaxError, ValueError):  # ValueError: null bytes in the source
+            imports, mentions = set(), set()
+        imports.update(m for m in mentions if _locate(src_root, m) is not None)
+        _IMPORTS[key] = frozenset(imports)
+    return _IMPORTS[key]
+
+
+def _reached(src_root: Path, dotted: str) -> list[str]:
+    """The modules importing ``dotted`` runs: each prefix that is a module (``import a.b.c``
+    runs ``a``, ``a.b`` and ``a.b.c``); stops at the first prefix that is not one."""
+    parts, out = dotted.split("."), []
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if _locate(src_root, prefix) is None:
+            break
+        out.append(prefix)
+    return out
+
+
+def script_modules(script: str | os.PathLike, package_dir: str | os.PathLike = PKG_DIR):
+    """Relative paths (``lorapipe/io.py``, ``lorapipe/families/__init__.py``) of every module of
+    the package at ``package_dir`` that ``script`` reaches through its imports, transitively,
+    sorted. Found with `ast`, nothing is imported. The script itself is not in the list: it is
+    not part of the package, and Snakemake's code trigger already reruns a job whose script
+    changed."""
+    script, pkg = Path(script).resolve(), Path(package_dir).resolve()
+    key = (script, pkg)
+    if key not in _CLOSURES:
+        src_root, top = pkg.parent, pkg.name
+        seen: dict[str, Path | None] = {}
+        todo = [n for n in _module_imports(script, "", False, src_root) if n.split(".")[0] == top]
+        while todo:
+            for mod in _reached(src_root, todo.pop()):
+                if mod in seen:
+                    continue
+                path, is_package = _locate(src_root, mod)
+                seen[mod] = path
+                if path is not None:
+                    imports = _module_imports(path, mod, is_package, src_root)
+                    todo.extend(n for n in imports if n.split(".")[0] == top)
+        rel = (p.relative_to(src_root).as_posix() for p in seen.values() if p is not None)
+        _CLOSURES[key] = tuple(sorted(rel))
+    return list(_CLOSURES[key])
+
+
+def script_code(
+    *scripts: str,
+    scripts_dir: str | os.PathLike | None = None,
+    package_dir: str | os.PathLike = PKG_DIR,
+) -> str:
+    """sha256 (16 hex) of the source of every package module the named scripts reach: the
+    ``code`` param of the rule running ``scripts/<name>.py``, ``script_code("train")``.
+
+    Several names give one digest over the union of their modules. Modules are named by their
+    path relative to the package's parent folder, so the digest is the same wherever the
+    checkout lives. ``scripts_dir`` defaults to the workflow's ``scripts/``.
+    """
+    if not scripts:
+        raise ValueError("script_code: name at least one script")
+    folder = Path(scripts_dir) if scripts_dir is not None else REPO_ROOT_GUESS / "scripts"
+    pkg = Path(package_dir).resolve()
+    modules: set[str] = set()
+    for name in scripts:
+        path = folder / f"{name}.py"
+        if not path.is_file():
+            raise FileNotFoundError(f"script_code: no script {path}")
+        modules.update(script_modules(path, pkg))
+    key = (pkg, tuple(sorted(modules)))
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for rel in key[1]:
+            data = (pkg.parent / rel).read_bytes()
+            h.update(f"{rel}\0{len(data)}\0".encode() + data)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
 
 
 def versions(*dists: str) -> dict[str, str]:
