@@ -2,7 +2,8 @@
 configs on the tiny model: recorded before a refactor of the training stage and compared after
 it (``python bench/lora_digests.py OUT.json`` with the old and the new code on PYTHONPATH).
 
-Configs cover the code paths of the loop: plain, gradient accumulation + min-SNR + noise offset +
+Both the exported diffusers file and the raw LoRA state of the last checkpoint are digested: an
+export-format change alters the first only. Configs cover the code paths of the loop: plain, gradient accumulation + min-SNR + noise offset +
 caption dropout + LoRA dropout, text-encoder LoRA, bf16 autocast, v-prediction, and a resume.
 """
 
@@ -80,7 +81,9 @@ def main(out_json: str) -> None:
     for name, over in CONFIGS.items():
         d = root / name
         s = train(run_config(**over), latents, str(model), d / "out", d / "ck", "a" * 64)
+        last = sorted((d / "ck").glob("*/step-*/lora.safetensors"))[-1]
         result[name] = {"lora": tensor_digest(d / "out" / "pytorch_lora_weights.safetensors"),
+                        "checkpoint": tensor_digest(last),
                         "final_loss": s["final_loss"], "steps": s["steps"]}
     # resume: stop at step 5, continue
     d = root / "resume"

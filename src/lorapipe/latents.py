@@ -66,80 +66,102 @@ def encode_shard(
     also writes ``<out_tar>.sha256``, committed after the tar. ``dtype`` (float32 or bfloat16)
     is the stored dtype; the encoders run in float32. ``variants`` adds ``text_variants``.
     """
-    import numpy as np
     import torch
-    import webdataset as wds
-    from safetensors.torch import save
 
-    from . import models
-    from .families import family_of
     from .shards import read_samples
 
     if dtype not in DTYPES:
         raise ValueError(f"latent dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     variants = variants or VariantSettings()
-    n_var = variants.caption_variants
-    if n_var and not (variants.shuffle_captions or variants.tag_dropout):
+    if variants.caption_variants and not (variants.shuffle_captions or variants.tag_dropout):
         log.warning("caption_variants=%d without shuffle_captions or tag_dropout: "
-                    "every variant is the caption as written", n_var)
+                    "every variant is the caption as written", variants.caption_variants)
     outs = [out_tar] + ([checksum_path(out_tar)] if checksum else [])
     remove_stale_temps(*outs)
     verify_file(shard_tar)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    store_dtype = getattr(torch, dtype)
-    family = family_of(model_path, original_config)
-    parts = models.load_parts(model_path, family.latent_parts, original_config)
-    for m in family.text_encoders(parts):
-        m.to(device).eval()
-    vae = parts["vae"].to(device).eval()
-    # which VAE and text encoder(s) made a sample (single file: the whole file's digest)
-    ids = {"vae": models.part_fingerprint(model_path, "vae")[:16]}
-    for part in family.text_parts:
-        if part in family.weight_parts:
-            ids[part] = models.part_fingerprint(model_path, part)[:16]
-
-    def encode_text(prompts: list[str]):
-        return family.encode_prompts(parts, prompts, device)
-
-    def stored(t):
-        return t.to(store_dtype).contiguous().cpu()
-
-    samples = list(read_samples(shard_tar))
+    enc = _Encoders(model_path, original_config, device, getattr(torch, dtype), dtype)
     by_size: dict[tuple, list] = defaultdict(list)
-    for s in samples:
+    for s in read_samples(shard_tar):
         by_size[tuple(s[2]["size"])].append(s)
     encoded: dict[str, tuple[dict, bytes]] = {}
     with torch.inference_mode():
         # the empty prompt (caption dropout), encoded alone as training would encode it
-        empty_blob = canonical_safetensors(save({"text": stored(encode_text([""])[0])}))
+        empty_blob = enc.blob({"text": enc.text([""])[0]})
         for size in sorted(by_size):
             group = by_size[size]
             for i in range(0, len(group), batch_size):
-                chunk = group[i : i + batch_size]
-                pixels = np.stack([np.asarray(img, dtype=np.float32) for _, img, _ in chunk])
-                x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device) / 127.5 - 1.0
-                dist = vae.encode(x).latent_dist
-                text = encode_text([m["caption"] for _, _, m in chunk])
-                var_texts = [
-                    [caption_variant(m["caption"], key, k, variants) for k in range(n_var)]
-                    for key, _, m in chunk
-                ]
-                if n_var:
-                    flat = [t for texts in var_texts for t in texts]
-                    var = torch.cat([encode_text(flat[b : b + batch_size * n_var])
-                                     for b in range(0, len(flat), batch_size * n_var)])
-                    var = var.reshape(len(chunk), n_var, *var.shape[1:])
-                for j, (key, _, meta) in enumerate(chunk):
-                    tensors = {
-                        "mean": stored(dist.mean[j]),
-                        "logvar": stored(dist.logvar[j]),
-                        "text": stored(text[j]),
-                    }
-                    meta = {**meta, **ids, "dtype": dtype}
-                    if n_var:
-                        tensors["text_variants"] = stored(var[j])
-                        meta["caption_variants"] = var_texts[j]
-                    encoded[key] = (meta, canonical_safetensors(save(tensors)))
+                encoded.update(enc.chunk(group[i : i + batch_size], batch_size, variants))
+    _write_latent_tar(outs, encoded, empty_blob, checksum)
+    log.info("encoded %d samples (%d caption variants each, %s) from %s on %s",
+             len(encoded), variants.caption_variants, dtype, shard_tar, device)
+    return len(encoded)
+
+
+class _Encoders:
+    """The VAE and text encoder(s) of a base model, loaded once per shard, and how a chunk of
+    samples becomes latent-cache entries."""
+
+    def __init__(self, model_path, original_config, device: str, store_dtype, dtype: str):
+        from . import models
+        from .families import family_of
+
+        self.family = family_of(model_path, original_config)
+        self.parts = models.load_parts(model_path, self.family.latent_parts, original_config)
+        for m in self.family.text_encoders(self.parts):
+            m.to(device).eval()
+        self.vae = self.parts["vae"].to(device).eval()
+        self.device, self.store_dtype = device, store_dtype
+        # which VAE and text encoder(s) made a sample (single file: the whole file's digest)
+        self.meta = {"vae": models.part_fingerprint(model_path, "vae")[:16], "dtype": dtype}
+        for part in self.family.text_parts:
+            if part in self.family.weight_parts:
+                self.meta[part] = models.part_fingerprint(model_path, part)[:16]
+
+    def text(self, prompts: list[str]):
+        return self.family.encode_prompts(self.parts, prompts, self.device)
+
+    def blob(self, tensors: dict) -> bytes:
+        from safetensors.torch import save
+
+        stored = {k: v.to(self.store_dtype).contiguous().cpu() for k, v in tensors.items()}
+        return canonical_safetensors(save(stored))
+
+    def chunk(self, chunk: list, batch_size: int, variants: VariantSettings) -> dict:
+        """``{key: (meta, safetensors bytes)}`` of samples ``chunk`` (one bucket size)."""
+        import numpy as np
+        import torch
+
+        n_var = variants.caption_variants
+        pixels = np.stack([np.asarray(img, dtype=np.float32) for _, img, _ in chunk])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device) / 127.5 - 1.0
+        dist = self.vae.encode(x).latent_dist
+        text = self.text([m["caption"] for _, _, m in chunk])
+        var_texts = [
+            [caption_variant(m["caption"], key, k, variants) for k in range(n_var)]
+            for key, _, m in chunk
+        ]
+        if n_var:
+            flat = [t for texts in var_texts for t in texts]
+            var = torch.cat([self.text(flat[b : b + batch_size * n_var])
+                             for b in range(0, len(flat), batch_size * n_var)])  # fmt: skip
+            var = var.reshape(len(chunk), n_var, *var.shape[1:])
+        out = {}
+        for j, (key, _, meta) in enumerate(chunk):
+            tensors = {"mean": dist.mean[j], "logvar": dist.logvar[j], "text": text[j]}
+            meta = {**meta, **self.meta}
+            if n_var:
+                tensors["text_variants"] = var[j]
+                meta["caption_variants"] = var_texts[j]
+            out[key] = (meta, self.blob(tensors))
+        return out
+
+
+def _write_latent_tar(outs: list, encoded: dict, empty_blob: bytes, checksum: bool) -> None:
+    """The latent tar (empty prompt first, then samples by key) and, with ``checksum``, its
+    sidecar: both committed atomically, the tar first."""
+    import webdataset as wds
+
     with atomic_paths(*outs) as tmps:
         with (
             open(tmps[0], "wb") as fh,
@@ -149,13 +171,10 @@ def encode_shard(
             for key in sorted(encoded):
                 meta, blob = encoded[key]
                 writer.write({"__key__": key, "latents.safetensors": blob,
-                              "json": json.dumps(meta, sort_keys=True)})
+                              "json": json.dumps(meta, sort_keys=True)})  # fmt: skip
         if checksum:
             with open(tmps[1], "wb") as fh:
-                fh.write(checksum_line(out_tar, sha256_file(tmps[0])).encode())
-    log.info("encoded %d samples (%d caption variants each, %s) from %s on %s",
-             len(encoded), n_var, dtype, shard_tar, device)
-    return len(encoded)
+                fh.write(checksum_line(outs[0], sha256_file(tmps[0])).encode())
 
 
 REQUIRED_TENSORS = ("mean", "logvar")

@@ -60,6 +60,91 @@ def tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+def _tiny_unet(seed: int):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def _tiny_vae(seed: int):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def _tiny_text_encoder(seed: int, vocab: dict[str, int]):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab[SPECIAL_TOKENS[0]],
+            eos_token_id=vocab[SPECIAL_TOKENS[1]],
+            pad_token_id=vocab[SPECIAL_TOKENS[1]],
+            hidden_size=32,
+            intermediate_size=64,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+        )
+    )
+
+
+def _tiny_pipeline(seed: int):
+    """The tiny SD-1.x pipeline: UNet, VAE and text encoder seeded ``seed``, +1, +2."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tokenizer_files()
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=_tiny_unet(seed),
+        vae=_tiny_vae(seed + 1),
+        text_encoder=_tiny_text_encoder(seed + 2, vocab),
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a seeded tiny SD-1.x-shaped diffusers folder to ``out_dir`` (atomically).
 
@@ -70,81 +155,11 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     Returns:
         The folder written.
     """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     out = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
     try:
-        vocab, merges = tokenizer_files()
-        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=16,
-        )
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            block_out_channels=(16, 16, 32, 32),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=64,
-        )
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                bos_token_id=vocab[SPECIAL_TOKENS[0]],
-                eos_token_id=vocab[SPECIAL_TOKENS[1]],
-                pad_token_id=vocab[SPECIAL_TOKENS[1]],
-                hidden_size=32,
-                intermediate_size=64,
-                layer_norm_eps=1e-5,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                vocab_size=len(vocab),
-                max_position_embeddings=77,
-            )
-        )
-        scheduler = DDPMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            prediction_type="epsilon",
-            clip_sample=False,
-            steps_offset=1,
-        )
-        pipe = StableDiffusionPipeline(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
         staging = tmp / "model"
-        pipe.save_pretrained(staging, safe_serialization=True)
+        _tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
