@@ -18,7 +18,7 @@ from lorapipe import config as lpconfig
 from lorapipe.demo import demo_files
 from lorapipe.fingerprint import script_code, versions
 from lorapipe.images import pil_identity
-from lorapipe.planning import ENCODE_PARTS, MODEL_FILES, Planner
+from lorapipe.planning import Planner
 
 try:
     lpconfig.load_config(config)
@@ -42,7 +42,7 @@ DATASETS = config["datasets"]
 MODELS = config["base_models"]
 RUNS = PLAN.runs
 ENV = "../envs/lorapipe.yaml"
-# Which versions of numeric libraries made a file is part of its identity (DESIGN.md, principle 6).
+# Which versions of numeric libraries made a file is part of its identity (docs/ARCHITECTURE.md).
 LIBS_IMAGE = pil_identity()
 LIBS_TORCH = versions("torch", "diffusers", "transformers", "peft")
 
@@ -117,7 +117,7 @@ def get_shard_settings(wildcards):
 
 
 def get_encode_model_files(wildcards):
-    return model_files(wildcards.model, ENCODE_PARTS)
+    return model_files(wildcards.model, PLAN.latent_parts(wildcards.model))
 
 
 def get_model_path(wildcards):
@@ -129,7 +129,7 @@ def get_original_config(wildcards):
 
 
 def get_run_model_files(wildcards):
-    return model_files(RUNS[wildcards.run].base_model, list(MODEL_FILES))
+    return model_files(RUNS[wildcards.run].base_model, None)
 
 
 def get_run_model_path(wildcards):

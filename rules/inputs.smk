@@ -9,7 +9,7 @@ for _name, _bm in MODELS.items():
         name:
             f"tiny_model_{_name}"
         output:
-            model_files(_name, list(MODEL_FILES)),
+            model_files(_name, None),
         log:
             f"logs/tiny_model/{_name}.log",
         conda:
@@ -17,6 +17,7 @@ for _name, _bm in MODELS.items():
         params:
             path=first_output_dir,
             seed=_bm["tiny"]["seed"],
+            family=PLAN.family(_name).name,
             code=script_code("tiny_model"),
             libs=LIBS_TORCH,
         script:

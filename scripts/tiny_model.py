@@ -1,6 +1,7 @@
+from lorapipe.families import family_named
 from lorapipe.logs import setup
-from lorapipe.tiny import build_tiny_model
 
 log = setup(snakemake.log[0])
-out = build_tiny_model(snakemake.params.path, seed=snakemake.params.seed)
-log.info("tiny SD-1.x-shaped model written to %s (seed %d)", out, snakemake.params.seed)
+p = snakemake.params
+out = family_named(p.family).build_tiny(p.path, seed=p.seed)
+log.info("tiny %s-shaped model written to %s (seed %d)", p.family, out, p.seed)

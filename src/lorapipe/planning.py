@@ -30,20 +30,12 @@ from snakemake.exceptions import WorkflowError
 from .captions import SIDECAR_EXTENSIONS, read_overrides
 from .config import resolve_run
 from .demo import demo_files
+from .families import Family, family_named, family_of
 from .images import IMAGE_EXTENSIONS
 from .manifest import list_images, shard_of
 
-# Files of each part of a model the workflow builds (``tiny``), as tiny_model writes them.
-MODEL_FILES = {
-    "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
-    "vae": ["config.json", "diffusion_pytorch_model.safetensors"],
-    "text_encoder": ["config.json", "model.safetensors"],
-    "tokenizer": ["tokenizer.json", "tokenizer_config.json"],
-    "scheduler": ["scheduler_config.json"],
-}
 # Weights in the `original_config` folder of a single-file checkpoint are never read.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
-ENCODE_PARTS = ("vae", "text_encoder", "tokenizer")
 
 
 def name_bytes(rel: str) -> bytes:
@@ -295,14 +287,31 @@ class Planner:
         """For a single-file base model: the local diffusers folder that describes it."""
         return self.models[model].get("original_config")
 
-    def model_files(self, model: str, parts: Sequence[str] = tuple(MODEL_FILES)) -> list[str]:
+    def family(self, model: str) -> Family:
+        """The model family of a base model: recognised from the model itself; a built (tiny)
+        model's from its ``tiny.family`` (default ``sd``), as it does not exist yet."""
+        if self.model_built(model):
+            return family_named(self.models[model]["tiny"].get("family", "sd"))
+        return family_of(self.model_path(model), self.original_config(model))
+
+    def model_parts(self, model: str) -> tuple[str, ...]:
+        """Every part of a base model (what training, sampling and the run config read)."""
+        return self.family(model).parts
+
+    def latent_parts(self, model: str) -> tuple[str, ...]:
+        """The parts the latent stage reads (VAE and text parts)."""
+        return self.family(model).latent_parts
+
+    def model_files(self, model: str, parts: Sequence[str] | None = None) -> list[str]:
         """Files of a base model a rule reads (so a changed model restales exactly its users).
 
-        A built model's files are known from :data:`MODEL_FILES`; a diffusers folder's are every
+        ``parts`` default: all of the model's. A built model's files are known from its family's
+        ``tiny_files``; a diffusers folder's are every
         file of the asked parts (plus model_index.json); a single file's are the file plus its
         `original_config` folder without weights.
         """
-        key = (model, tuple(parts))
+        key = (model, tuple(parts if parts is not None else self.model_parts(model)))
+        parts = key[1]
         if key not in self._model_files:
             self._model_files[key] = self._list_model_files(model, parts)
         return list(self._model_files[key])
@@ -318,7 +327,7 @@ class Planner:
         out = ["model_index.json"] if built or (path / "model_index.json").exists() else []
         for part in parts:
             if built:
-                out += [f"{part}/{f}" for f in MODEL_FILES[part]]
+                out += [f"{part}/{f}" for f in self.family(model).tiny_files[part]]
             else:
                 out += sorted(
                     str(p.relative_to(path)) for p in (path / part).rglob("*") if p.is_file()

@@ -15,7 +15,8 @@ from lorapipe import planning
 from lorapipe.config import load_config
 from lorapipe.demo import demo_files
 from lorapipe.manifest import shard_of
-from lorapipe.planning import MODEL_FILES, Planner, file_stamp, shard_index
+from lorapipe.families import SD
+from lorapipe.planning import Planner, file_stamp, shard_index
 
 SHARDS = 3
 
@@ -191,12 +192,12 @@ def test_synthetic_dataset(tmp_path):
 
 def diffusers_folder(path: Path, index: bool = True) -> Path:
     """A stand-in diffusers folder: a config per part, one weights file, a nested file."""
-    for part in MODEL_FILES:
-        write(path / part / "config.json")
+    for part in SD.parts:
+        write(path / part / "config.json", b'{"cross_attention_dim": 768}')
     write(path / "unet" / "diffusion_pytorch_model.safetensors")
     write(path / "tokenizer" / "sub" / "merges.txt")
     if index:
-        write(path / "model_index.json")
+        write(path / "model_index.json", b'{"_class_name": "StableDiffusionPipeline"}')
     return path
 
 
@@ -219,7 +220,8 @@ def test_model_files_of_a_diffusers_folder(tmp_path):
         )
     ]
     assert plan.model_files("bare", ["vae"]) == [str(bare / "vae" / "config.json")]
-    assert len(plan.model_files("sd", list(MODEL_FILES))) == 8
+    assert len(plan.model_files("sd")) == 8  # every part of the family (SD: five)
+    assert plan.family("sd").name == plan.family("bare").name == "sd"
 
 
 def test_model_files_of_a_single_file_checkpoint(tmp_path):

@@ -55,4 +55,4 @@ def family_named(name: str) -> Family:
     raise ValueError(f"unknown model family {name!r} (have: {[f.name for f in FAMILIES]})")
 
 
-__all__ = ["FAMILIES", "Family", "family_named", "family_of"]
+__all__ = ["FAMILIES", "SD", "Family", "family_named", "family_of"]

@@ -17,6 +17,7 @@ class Family:
     latent_parts: tuple[str, ...] = ()  # what the latent stage loads (VAE + text parts)
     config_files: tuple[str, ...] = ()  # what a single file's `original_config` folder must hold
     text_lora_targets: tuple[str, ...] = ()  # text-encoder modules that get a LoRA
+    tiny_files: dict[str, tuple[str, ...]] = {}  # the files `build_tiny` writes, per part
 
     def matches(self, model_index: dict, unet_config: dict) -> bool:
         """Whether a model with this ``model_index.json`` and UNet config is of this family."""

@@ -27,6 +27,13 @@ class SD(Family):
         "scheduler/scheduler_config.json",
         "tokenizer",
     )
+    tiny_files = {
+        "unet": ("config.json", "diffusion_pytorch_model.safetensors"),
+        "vae": ("config.json", "diffusion_pytorch_model.safetensors"),
+        "text_encoder": ("config.json", "model.safetensors"),
+        "tokenizer": ("tokenizer.json", "tokenizer_config.json"),
+        "scheduler": ("scheduler_config.json",),
+    }
     # CLIP attention projections: kohya's SD-1.x text-encoder LoRA set
     text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
 
