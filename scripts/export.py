@@ -1,9 +1,15 @@
+from pathlib import Path
+
 from lorapipe.export import export_kohya
 from lorapipe.logs import setup
 from lorapipe.runs import export_metadata
 
 log = setup(snakemake.log[0])
 i = snakemake.input
-run_cfg, extra = export_metadata(i.config, i.summary)
+# Facts train_summary.json may lack come from the train stage's metrics.jsonl (times) and the
+# shards' index files (buckets), where this job sees them (see runs.train_facts).
+metrics = Path(i.summary).with_name("metrics.jsonl")
+indexes = [c.replace("/captions/", "/shards/") for c in i.captions]
+run_cfg, extra = export_metadata(i.config, i.summary, metrics, indexes)
 n = export_kohya(i.lora, snakemake.output[0], run_cfg, extra, list(i.captions), snakemake.params.dataset)
 log.info("kohya file with %d tensors: %s", n, snakemake.output[0])

@@ -1,15 +1,24 @@
-"""Export a trained LoRA in the kohya layout that AUTOMATIC1111 WebUI and ComfyUI load.
+"""Export a trained LoRA in the layouts diffusers, AUTOMATIC1111 WebUI and ComfyUI load.
 
-Input is the diffusers file the train stage writes (``unet.<module>.lora.down.weight`` keys, the
-adapter config with lora_alpha in its metadata). Output keys are
-``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (and
-``lora_te_…`` for a text-encoder LoRA). Unlike diffusers' own converter, the real trained alpha is
-written (not alpha = rank) and the ``lora_unet_`` / SD-1.x ``lora_te_`` prefixes are always right.
-Only safetensors with string metadata: no pickles anywhere.
+The diffusers file (``pytorch_lora_weights.safetensors``) is written by diffusers'
+``save_lora_weights``: ``unet.<module>.lora.down/up.weight`` and, for a text-encoder LoRA,
+``text_encoder.text_model.<module>.lora_linear_layer.down/up.weight`` (the names diffusers writes
+for transformers 4's CLIPTextModel: diffusers 0.32 needs them, and newer diffusers strips the
+``text_model.`` level when its text encoder has none). The LoRA scale alpha / rank is multiplied
+into the up weights and ``lora_adapter_metadata`` says lora_alpha = r, so every diffusers gives
+the trained strength at scale 1: one that reads the metadata and one that predates it (which
+takes alpha = rank). The trained alpha is kept in ``lorapipe_trained_alpha``.
+
+The kohya file has ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` /
+``.alpha`` (and ``lora_te_text_model_…``) with the trained alpha and the up weights as trained,
+and the ``ss_*`` / ``modelspec.*`` metadata sd-scripts writes (its ``train_network.py`` and
+``library/sai_model_spec.py``), filled from what the run did. Only safetensors with string
+metadata: no pickles anywhere.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
@@ -29,17 +38,50 @@ SUFFIXES = {
     ".lora_linear_layer.down.weight": "lora_down",  # diffusers' text-encoder layout
     ".lora_linear_layer.up.weight": "lora_up",
 }
-# kohya's SD-1.x text-encoder names start at CLIPTextModel.text_model; transformers 5's
-# CLIPTextModel has no such level (its modules start at encoder.*), so kohya names get it back.
+# kohya's SD-1.x text-encoder names, and the names diffusers writes for a text-encoder LoRA of
+# transformers 4's CLIPTextModel, start at CLIPTextModel.text_model; transformers 5's
+# CLIPTextModel has no such level (its modules start at encoder.*), so both files get it back.
 KOHYA_TE_ROOT = "text_model."
+# diffusers-file metadata: the trained adapters' alpha (their scale is in the up weights)
+TRAINED_ALPHA_KEY = "lorapipe_trained_alpha"
+# The optimizers of `runs.<name>.optimizer`, named as sd-scripts names them (module.class)
+OPTIMIZERS = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}
+MODELSPEC_VERSION = "1.0.1"  # the ModelSpec version sd-scripts writes
 
 
-def read_alpha(meta: dict[str, str], component: str = "unet") -> tuple[float, int]:
-    """(kohya alpha, rank) of ``component`` from a diffusers LoRA file's metadata.
+def _kohya_alpha(cfg: dict, where: str) -> tuple[float, int]:
+    """(kohya alpha, rank) of one adapter's LoraConfig fields (``r``, ``lora_alpha``, ...).
 
     kohya scales a module by alpha / rank. For a plain LoRA that is peft's lora_alpha; for rsLoRA
     (scale alpha / sqrt(rank)) the equivalent kohya alpha is lora_alpha * sqrt(rank). Per-module
     patterns and DoRA have no kohya equivalent here and are refused rather than exported wrong.
+    """
+    try:
+        alpha, rank = float(cfg["lora_alpha"]), int(cfg["r"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{where} has no usable lora_alpha / r: {e!r}") from e
+    for key in ("alpha_pattern", "rank_pattern"):
+        if cfg.get(key):
+            raise ValueError(f"{where}: {key} is set: per-module alpha/rank is not supported")
+    if cfg.get("use_dora"):
+        raise ValueError(f"{where}: DoRA adapters cannot be exported in the kohya LoRA layout")
+    if cfg.get("use_rslora"):
+        alpha *= math.sqrt(rank)
+    return alpha, rank
+
+
+def _component_fields(packed: dict, component: str) -> dict:
+    """The ``<component>.``-prefixed fields of diffusers' packed adapter metadata, unprefixed."""
+    pre = f"{component}."
+    return {k[len(pre) :]: v for k, v in packed.items() if k.startswith(pre)}
+
+
+def read_alpha(meta: dict[str, str], component: str = "unet") -> tuple[float, int]:
+    """(kohya alpha, rank) of ``component`` as trained, from a diffusers LoRA file's metadata.
+
+    A file lorapipe wrote has the trained alpha in ``lorapipe_trained_alpha`` (its
+    ``lora_adapter_metadata`` says alpha = rank: the scale is in the up weights, see
+    `weight_scale`); a file of another writer has it in ``lora_adapter_metadata`` only.
     """
     raw = meta.get("lora_adapter_metadata")
     if not raw:
@@ -48,20 +90,30 @@ def read_alpha(meta: dict[str, str], component: str = "unet") -> tuple[float, in
             "save_lora_weights(..., unet_lora_adapter_metadata=...))"
         )
     try:
-        cfg = json.loads(raw)
-        alpha, rank = float(cfg[f"{component}.lora_alpha"]), int(cfg[f"{component}.r"])
-    except (ValueError, KeyError, TypeError) as e:
+        packed = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"lora_adapter_metadata is not JSON: {e!r}") from e
+    where = f"lora_adapter_metadata ({component}.)"
+    alpha, rank = _kohya_alpha(_component_fields(packed, component), where)
+    trained = json.loads(meta.get(TRAINED_ALPHA_KEY) or "{}").get(component)
+    if trained is None:
+        return alpha, rank
+    t_alpha, t_rank = _kohya_alpha(trained, f"{TRAINED_ALPHA_KEY} ({component})")
+    if t_rank != rank or alpha != rank:
         raise ValueError(
-            f"lora_adapter_metadata has no usable {component}.lora_alpha / {component}.r: {e!r}"
-        ) from e
-    for key in ("alpha_pattern", "rank_pattern"):
-        if cfg.get(f"{component}.{key}"):
-            raise ValueError(f"{component}.{key} is set: per-module alpha/rank is not supported")
-    if cfg.get(f"{component}.use_dora"):
-        raise ValueError(f"{component}: DoRA adapters cannot be exported in the kohya LoRA layout")
-    if cfg.get(f"{component}.use_rslora"):
-        alpha *= math.sqrt(rank)
-    return alpha, rank
+            f"{component}: {TRAINED_ALPHA_KEY} (r={t_rank}) does not fit lora_adapter_metadata "
+            f"(r={rank}, lora_alpha={alpha}; a scale in the weights needs lora_alpha = r)"
+        )
+    return t_alpha, t_rank
+
+
+def weight_scale(meta: dict[str, str], component: str = "unet") -> float:
+    """The factor already multiplied into ``component``'s up weights: trained alpha / rank for a
+    file lorapipe wrote (``lorapipe_trained_alpha``), 1.0 for a file of another writer."""
+    if component not in json.loads(meta.get(TRAINED_ALPHA_KEY) or "{}"):
+        return 1.0
+    alpha, rank = read_alpha(meta, component)
+    return alpha / rank
 
 
 def _num(x: float) -> str:
@@ -69,29 +121,41 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+def _kohya_key(key: str) -> tuple[str, str, str]:
+    """(component, kohya module name, lora_down|lora_up) of a diffusers LoRA key."""
+    component, _, rest = key.partition(".")
+    if component not in PREFIXES or not rest:
+        raise ValueError(f"unexpected key {key!r}: component must be one of {list(PREFIXES)}")
+    match = [
+        (rest[: -len(sfx)], kohya)
+        for sfx, kohya in SUFFIXES.items()
+        if rest.endswith(sfx) and len(rest) > len(sfx)
+    ]
+    if not match:
+        raise ValueError(f"unexpected key {key!r}: not a LoRA down/up weight")
+    module, kohya = match[0]
+    if component == "text_encoder" and not module.startswith(KOHYA_TE_ROOT):
+        module = KOHYA_TE_ROOT + module
+    return component, PREFIXES[component] + module.replace(".", "_"), kohya
+
+
 def kohya_state_dict(tensors: dict, meta: dict[str, str]) -> dict:
-    """Map diffusers keys to kohya keys and add one ``.alpha`` tensor per module."""
+    """Map diffusers keys to kohya keys and add one ``.alpha`` tensor per module.
+
+    The trained alpha goes into ``.alpha``; up weights that carry the scale (`weight_scale`) are
+    divided by it again, so kohya's loaders (alpha / rank times up @ down) apply it once.
+    """
     import torch
 
     out = {}
     ranks: dict[str, int] = {}
     for key, value in tensors.items():
-        component, _, rest = key.partition(".")
-        if component not in PREFIXES or not rest:
-            raise ValueError(f"unexpected key {key!r}: component must be one of {list(PREFIXES)}")
-        match = [
-            (rest[: -len(sfx)], kohya)
-            for sfx, kohya in SUFFIXES.items()
-            if rest.endswith(sfx) and len(rest) > len(sfx)
-        ]
-        if not match:
-            raise ValueError(f"unexpected key {key!r}: not a LoRA down/up weight")
-        module, kohya = match[0]
-        if component == "text_encoder" and not module.startswith(KOHYA_TE_ROOT):
-            module = KOHYA_TE_ROOT + module
-        name = PREFIXES[component] + module.replace(".", "_")
+        component, name, kohya = _kohya_key(key)
         if f"{name}.{kohya}.weight" in out:
             raise ValueError(f"unexpected key {key!r}: a second {kohya} weight for {name}")
+        scale = weight_scale(meta, component)
+        if kohya == "lora_up" and scale != 1.0:
+            value = value / scale
         out[f"{name}.{kohya}.weight"] = value.contiguous()
         if f"{name}.alpha" not in out:
             alpha, ranks[name] = read_alpha(meta, component)
@@ -124,6 +188,90 @@ def safetensors_hashes(sd: dict, meta: dict[str, str]) -> tuple[str, str]:
     return model, legacy
 
 
+# --- the base model's family: kohya's and ModelSpec's labels ---------------------------------
+# (one function of the model's configs, no torch: the seam for a model-family module)
+
+
+def architecture_metadata(unet_config: dict, scheduler_config: dict) -> dict[str, str]:
+    """kohya's and ModelSpec's labels of an SD-1.x/2.x base model, from its diffusers configs.
+
+    ``unet_config``: unet/config.json, ``scheduler_config``: scheduler/scheduler_config.json, as
+    dicts. SD-2 is told from SD-1 by the UNet's ``cross_attention_dim`` (1024 vs 768; anything
+    below 1024, such as the tiny test model's 32, is SD-1-shaped), v-prediction by the
+    scheduler's ``prediction_type``. Values as sd-scripts writes them: ``ss_v2``,
+    ``ss_base_model_version`` (sd_v1, sd_v1_v, sd_v2, sd_v2_v), ``modelspec.architecture``
+    (stable-diffusion-v1, -v2-512 or -v2-768-v, then "/lora"), ``modelspec.prediction_type``
+    (epsilon, v). Empty without a UNet config: nothing is guessed.
+    """
+    if not unet_config:
+        return {}
+    v2 = int(unet_config.get("cross_attention_dim") or 768) >= 1024
+    v = (scheduler_config or {}).get("prediction_type") == "v_prediction"
+    arch = "stable-diffusion-v1"
+    if v2:
+        arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
+    return {
+        "ss_v2": str(v2),
+        "ss_base_model_version": ("sd_v2" if v2 else "sd_v1") + ("_v" if v else ""),
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.prediction_type": "v" if v else "epsilon",
+    }
+
+
+# --- kohya / ModelSpec metadata --------------------------------------------------------------
+
+
+def _optimizer(run_cfg: dict) -> str:
+    """``ss_optimizer`` as sd-scripts spells it: ``module.Class(key=value,...)``."""
+    name = run_cfg.get("optimizer", "adamw")
+    args = {
+        "weight_decay": run_cfg.get("weight_decay"),
+        "betas": (run_cfg.get("adam_beta1"), run_cfg.get("adam_beta2")),
+        "eps": run_cfg.get("adam_epsilon"),
+    }
+    args = {k: v for k, v in args.items() if v is not None and v != (None, None)}
+    joined = ",".join(f"{k}={v}" for k, v in args.items())
+    return OPTIMIZERS.get(name, name) + (f"({joined})" if joined else "")
+
+
+def _run_fields(run_cfg: dict) -> dict[str, str]:
+    """The ``ss_*`` fields that come from the run's settings alone."""
+    dropout = run_cfg.get("lora_dropout") or 0
+    targets = ",".join(run_cfg.get("target_modules", ()))
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dropout": str(dropout) if dropout else "None",
+        "ss_network_args": json.dumps({"target_modules": targets}),
+        "ss_sd_model_name": str(run_cfg["base_model"]),
+        "ss_output_name": str(run_cfg["name"]),
+        "ss_learning_rate": str(run_cfg["learning_rate"]),
+        "ss_unet_lr": str(run_cfg["learning_rate"]),
+        "ss_optimizer": _optimizer(run_cfg),
+        "ss_lr_scheduler": str(run_cfg["lr_scheduler"]),
+        "ss_lr_warmup_steps": str(run_cfg["warmup_steps"]),
+        "ss_batch_size_per_device": str(run_cfg["batch_size"]),
+        "ss_gradient_accumulation_steps": str(run_cfg["gradient_accumulation"]),
+        "ss_gradient_checkpointing": str(bool(run_cfg.get("gradient_checkpointing"))),
+        "ss_max_grad_norm": str(run_cfg.get("max_grad_norm")),
+        "ss_seed": str(run_cfg["seed"]),
+        "ss_min_snr_gamma": str(run_cfg["min_snr_gamma"]),
+        "ss_noise_offset": str(run_cfg["noise_offset"]),
+        "ss_caption_dropout_rate": str(run_cfg["caption_dropout"]),
+        "ss_clip_skip": str(run_cfg.get("clip_skip") or 1),  # the text encoder's last layer
+        "ss_cache_latents": "True",
+        "ss_full_fp16": "False",  # LoRA weights stay float32 under autocast
+        "ss_num_reg_images": "0",
+        "ss_reg_dataset_dirs": "{}",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.implementation": "diffusers",
+    }
+    if run_cfg.get("mixed_precision") not in (None, "auto"):  # else: the train stage's choice
+        meta["ss_mixed_precision"] = str(run_cfg["mixed_precision"])
+    if run_cfg.get("max_steps"):
+        meta["ss_max_train_steps"] = str(run_cfg["max_steps"])
+    return meta
+
+
 def kohya_metadata(
     run_cfg: dict,
     extra: dict[str, str],
@@ -131,48 +279,110 @@ def kohya_metadata(
     rank_alpha: tuple[int, float] | None = None,
     text_encoder: bool | None = None,
 ) -> dict[str, str]:
-    """The ``ss_*`` fields UIs display, plus lorapipe's trace fields. All values are strings.
+    """The ``ss_*`` and ``modelspec.*`` fields sd-scripts writes, plus lorapipe's trace fields.
 
-    ``rank_alpha`` (rank, kohya alpha), read from the LoRA file itself, wins over the run config;
-    so does ``text_encoder`` (whether the file has a text-encoder LoRA) over
-    ``train_text_encoder``. ``ss_text_encoder_lr`` is the text encoder's learning rate when it
-    was trained, else "0".
+    All values are strings. ``extra`` (`runs.file_metadata`, `train_metadata`: what the run
+    really did) wins over what the run's settings say. ``rank_alpha`` (rank, kohya alpha), read
+    from the LoRA file itself, wins over the run config; so does ``text_encoder`` (whether the
+    file has a text-encoder LoRA) over ``train_text_encoder``. ``ss_text_encoder_lr`` is the text
+    encoder's learning rate when it was trained, else "0". ``ss_dataset_dirs`` comes from
+    ``ss_num_train_images`` when ``extra`` has that, keyed like ``ss_tag_frequency`` (the
+    dataset); ``modelspec.title`` is the output name.
     """
     rank, alpha = rank_alpha or (run_cfg["lora_rank"], run_cfg["lora_alpha"])
     if text_encoder is None:
         text_encoder = bool(run_cfg.get("train_text_encoder"))
     te_lr = run_cfg.get("text_encoder_lr")
     te_lr = (run_cfg["learning_rate"] if te_lr is None else te_lr) if text_encoder else 0
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": _num(rank),
-        "ss_network_alpha": _num(alpha),
-        "ss_base_model_version": "sd_v1",
-        "ss_sd_model_name": str(run_cfg["base_model"]),
-        "ss_output_name": str(run_cfg["name"]),
-        "ss_learning_rate": str(run_cfg["learning_rate"]),
-        "ss_unet_lr": str(run_cfg["learning_rate"]),
-        "ss_text_encoder_lr": str(te_lr),
-        "ss_lr_scheduler": str(run_cfg["lr_scheduler"]),
-        "ss_lr_warmup_steps": str(run_cfg["warmup_steps"]),
-        "ss_batch_size_per_device": str(run_cfg["batch_size"]),
-        "ss_gradient_accumulation_steps": str(run_cfg["gradient_accumulation"]),
-        "ss_mixed_precision": str(run_cfg["mixed_precision"]),
-        "ss_seed": str(run_cfg["seed"]),
-        "ss_min_snr_gamma": str(run_cfg["min_snr_gamma"]),
-        "ss_noise_offset": str(run_cfg["noise_offset"]),
-        "ss_caption_dropout_rate": str(run_cfg["caption_dropout"]),
-        "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
-    }
+    meta = _run_fields(run_cfg)
+    meta.update(
+        {
+            "ss_network_dim": _num(rank),
+            "ss_network_alpha": _num(alpha),
+            "ss_text_encoder_lr": str(te_lr),
+            "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
+        }
+    )
     meta.update({k: str(v) for k, v in extra.items()})
-    return meta
+    if "ss_num_train_images" in meta and "ss_dataset_dirs" not in meta:
+        key = meta.get("lorapipe_dataset") or str(run_cfg["dataset"])
+        dirs = {key: {"n_repeats": 1, "img_count": int(meta["ss_num_train_images"])}}
+        meta["ss_dataset_dirs"] = json.dumps(dirs, ensure_ascii=False)
+    meta.setdefault("modelspec.title", meta["ss_output_name"])
+    return dict(sorted(meta.items()))
+
+
+def bucket_info(metas) -> dict:
+    """sd-scripts' ``ss_bucket_info`` of the trained images: ``{"buckets": {"0": {"resolution":
+    [w, h], "count": n}, ...}, "mean_img_ar_error": e}``.
+
+    ``metas``: one dict per image with its bucket ``size`` [w, h] and ``original_size`` (a shard
+    index row, or a latent sample's ``meta``). Buckets are numbered in aspect order; the error
+    is the mean of |bucket aspect - image aspect| over the images, as sd-scripts computes it.
+    """
+    counts: Counter = Counter()
+    errors = []
+    for m in metas:
+        w, h = m["size"]
+        counts[(int(w), int(h))] += 1
+        if m.get("original_size"):
+            ow, oh = m["original_size"]
+            errors.append(abs(w / h - ow / oh))
+    order = sorted(counts, key=lambda s: (s[0] / s[1], s[0]))
+    buckets = {str(i): {"resolution": list(s), "count": counts[s]} for i, s in enumerate(order)}
+    return {
+        "buckets": buckets,
+        "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0,
+    }
+
+
+def _utc_iso(t: float) -> str:
+    """ModelSpec's date: ISO-8601, whole seconds, UTC (sd-scripts writes local time, no zone)."""
+    return datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc).isoformat()
+
+
+def train_metadata(facts: dict, run_cfg: dict) -> dict[str, str]:
+    """The ``ss_*`` fields of what training did, from ``facts`` (train_summary.json's keys).
+
+    Each present key gives its field: ``steps``, ``epochs`` (and ``epoch``, the current one of a
+    checkpoint; default ``epochs``), ``precision`` (the mixed precision used: no, fp16, bf16),
+    ``samples`` (images trained on), ``max_steps``, ``processes`` (total batch size),
+    ``started_at`` / ``finished_at`` (unix times of this training session; the finish time is
+    also ModelSpec's date), ``bucket_info`` (`bucket_info`) and ``batches_per_epoch`` (counted
+    from the buckets when missing, as training plans them).
+    """
+    out: dict[str, str] = {}
+    simple = {"steps": "ss_steps", "epochs": "ss_num_epochs", "precision": "ss_mixed_precision",
+              "samples": "ss_num_train_images", "max_steps": "ss_max_train_steps",
+              "started_at": "ss_training_started_at", "finished_at": "ss_training_finished_at",
+              "batches_per_epoch": "ss_num_batches_per_epoch"}  # fmt: skip
+    for key, field in simple.items():
+        if facts.get(key) is not None:
+            out[field] = str(facts[key])
+    if facts.get("epochs") is not None:
+        out["ss_epoch"] = str(facts.get("epoch") or facts["epochs"])
+    world = int(facts.get("processes") or 1)
+    if facts.get("processes") is not None:
+        total = run_cfg.get("batch_size", 1) * world * run_cfg.get("gradient_accumulation", 1)
+        out["ss_total_batch_size"] = str(total)
+    if facts.get("finished_at") is not None:
+        out["modelspec.date"] = _utc_iso(float(facts["finished_at"]))
+    info = facts.get("bucket_info")
+    if info:
+        out["ss_bucket_info"] = json.dumps(info)
+        if facts.get("batches_per_epoch") is None:
+            per_batch = run_cfg.get("batch_size", 1) * world
+            n = sum(math.ceil(b["count"] / per_batch) for b in info["buckets"].values())
+            out["ss_num_batches_per_epoch"] = str(n)
+    return out
 
 
 def tag_counts(captions, dataset: str) -> dict:
-    """kohya's ss_tag_frequency: ``{dataset: {tag: count}}`` with comma-separated tags."""
+    """kohya's ss_tag_frequency: ``{dataset: {tag: count}}`` of the comma-separated tags,
+    stripped and lower-cased as sd-scripts counts them."""
     counts: Counter = Counter()
     for cap in captions:
-        counts.update(t.strip() for t in cap.split(",") if t.strip())
+        counts.update(t.strip().lower() for t in cap.split(",") if t.strip())
     return {dataset: dict(sorted(counts.items()))}
 
 
@@ -189,6 +399,31 @@ def tag_frequency(caption_jsonls: list[str], dataset: str) -> dict:
     return tag_counts(captions(), dataset)
 
 
+def bake_scale(layers: dict, adapter_meta: dict, component: str) -> tuple[dict, dict, dict]:
+    """Multiply a LoRA's scale into its up weights, for loaders that take the scale as 1.
+
+    ``layers``: diffusers-layout weights of one adapter; ``adapter_meta``: its LoraConfig as a
+    dict (`models.adapter_metadata`). Returns (the layers with every up weight times alpha / r
+    (or alpha / sqrt(r) for rsLoRA; untouched when that is 1), the adapter metadata with
+    lora_alpha = r and use_rslora off, so a loader that reads it scales by 1 too, and the
+    trained ``lora_alpha`` / ``r`` / ``use_rslora`` for ``lorapipe_trained_alpha``).
+    """
+    alpha, rank = _kohya_alpha(adapter_meta, f"{component} adapter")
+    scale = alpha / rank
+    up = tuple(s for s, kind in SUFFIXES.items() if kind == "lora_up")
+    baked = {k: v * scale if scale != 1.0 and k.endswith(up) else v for k, v in layers.items()}
+    meta = {**adapter_meta, "lora_alpha": rank, "use_rslora": False}
+    trained = {k: adapter_meta.get(k) for k in ("lora_alpha", "r")}
+    trained["use_rslora"] = bool(adapter_meta.get("use_rslora"))
+    return baked, meta, trained
+
+
+def _te_layers(layers: dict) -> dict:
+    """Text-encoder LoRA keys as diffusers writes them for transformers 4's CLIPTextModel
+    (``text_model.encoder.layers…``), whichever transformers the weights came from."""
+    return {k if k.startswith(KOHYA_TE_ROOT) else KOHYA_TE_ROOT + k: v for k, v in layers.items()}
+
+
 def save_diffusers_lora(
     peft_state: dict,
     adapter_metadata: dict,
@@ -201,8 +436,11 @@ def save_diffusers_lora(
     lorapipe's metadata.
 
     ``peft_state`` is ``get_peft_model_state_dict(unet)`` (of the uncompiled UNet);
-    ``te_peft_state`` the text encoder's, when it was trained (``text_encoder.…`` keys). diffusers
-    writes the file (its key layout and ``lora_adapter_metadata``, with lora_alpha); it is then
+    ``te_peft_state`` the text encoder's, when it was trained; text-encoder keys get the names
+    diffusers writes for one (`_te_layers`). Each adapter's scale goes into its up weights
+    (`bake_scale`): diffusers with and without ``lora_adapter_metadata`` support load it at the
+    trained strength; ``lorapipe_trained_alpha`` keeps the trained alpha for the kohya export.
+    diffusers writes the file (its key layout and ``lora_adapter_metadata``); it is then
     rewritten with ``extra_meta`` merged in, atomically and with a sorted, byte-reproducible
     header. No pipeline is loaded. Returns the tensors and metadata written.
     """
@@ -218,25 +456,30 @@ def save_diffusers_lora(
             for k, v in convert_state_dict_to_diffusers(state).items()
         }
 
-    lora = layers(peft_state)
+    lora, unet_meta, trained_unet = bake_scale(layers(peft_state), adapter_metadata, "unet")
+    trained = {"unet": trained_unet}
     te_kw = {}
     if te_peft_state is not None:
+        te_layers, te_meta, trained["text_encoder"] = bake_scale(
+            _te_layers(layers(te_peft_state)), te_adapter_metadata or {}, "text_encoder"
+        )
         te_kw = {
-            "text_encoder_lora_layers": layers(te_peft_state),
-            "text_encoder_lora_adapter_metadata": te_adapter_metadata,
+            "text_encoder_lora_layers": te_layers,
+            "text_encoder_lora_adapter_metadata": te_meta,
         }
     out_file = Path(out_file)
     staging = out_file.parent / f".{out_file.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         StableDiffusionPipeline.save_lora_weights(
-            staging, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata, **te_kw
+            staging, unet_lora_layers=lora, unet_lora_adapter_metadata=unet_meta, **te_kw
         )
         with safe_open(str(staging / "pytorch_lora_weights.safetensors"), framework="pt") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    meta[TRAINED_ALPHA_KEY] = json.dumps(trained, sort_keys=True)
     meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
     save_safetensors(tensors, out_file, metadata=meta)
     return tensors, meta

@@ -3,6 +3,8 @@
 Every output is written to a temporary name in the same folder, flushed and fsynced, then renamed
 over the final name (os.replace is atomic on POSIX). A kill or a full disk leaves the previous file,
 or no file, never a truncated one; a full disk is reported naming the file and the free space.
+A written file gets the mode a plain ``open()`` would give a new file (0666 less the umask), also
+when it replaces an older one.
 
 Cached stage outputs (shard manifests, captions, image and latent shards) also get a checksum
 sidecar ``<file>.sha256`` (``sha256sum`` format, so ``sha256sum -c`` reads it), written after the
@@ -19,9 +21,9 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,10 +38,37 @@ class CorruptFileError(RuntimeError):
 
 
 def _make_temp(path: Path) -> Path:
-    """An empty temporary file beside ``path`` (hidden, ``.tmp``), so the rename stays atomic."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    """An empty temporary file beside ``path`` (hidden, ``.tmp``), so the rename stays atomic.
+
+    Created as a plain ``open(path, "w")`` creates a file: mode 0666 less the umask (and a
+    folder's default ACL), so the renamed file is as readable as any other new file of the
+    caller (``tempfile.mkstemp`` would make every output 0600, unreadable to a teammate, a WebUI
+    running as another user or an MLflow server under another account). ``O_EXCL`` with a
+    random name keeps concurrent writers of the same file apart, as mkstemp does.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", os.fspath(path))
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str = ".tmp-") -> Path:
+    """A new, empty hidden folder in ``parent`` with the mode ``os.mkdir`` gives under the
+    umask (``tempfile.mkdtemp`` makes it 0700): for a folder that is renamed into place."""
+    parent = Path(parent)
+    for _ in range(100):
+        d = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            d.mkdir(0o777)
+        except FileExistsError:
+            continue
+        return d
+    raise FileExistsError(errno.EEXIST, "no free temporary name", os.fspath(parent))
 
 
 def _disk_full_error(e: OSError, paths: list[Path]) -> OSError:

@@ -8,6 +8,7 @@ folder, so a changed run never resumes a checkpoint of another.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -59,33 +60,141 @@ def trace_metadata(doc: dict) -> dict[str, str]:
     }
 
 
-def file_metadata(doc: dict) -> dict[str, str]:
+def model_configs(path: str | os.PathLike, original_config: str | None = None) -> dict:
+    """``{"unet": unet/config.json, "scheduler": scheduler/scheduler_config.json}`` of a base
+    model (of its ``original_config`` folder for a single file), as dicts; a part whose config
+    cannot be read (a path not on this machine) is left out."""
+    p = Path(path)
+    folder = Path(original_config) if p.suffix == ".safetensors" and original_config else p
+    out = {}
+    for part, name in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
+        try:
+            out[part] = json.loads((folder / part / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def base_model_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """sd-scripts' ``ss_sd_model_hash`` (WebUI's old hash: sha256 of 64 KiB at 1 MiB, 8 hex) and
+    ``ss_new_sd_model_hash`` (sha256 of the file) of a single-file base model; none for a
+    diffusers folder (sd-scripts would write "IsADirectory") or a file not on this machine."""
+    from .fingerprint import cached_sha256
+
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    with open(p, "rb") as fh:
+        fh.seek(0x100000)
+        legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+    return {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": cached_sha256(p)}
+
+
+def _dataset_fields(ds: dict) -> dict[str, str]:
+    """The kohya fields of a dataset's settings: caption variants, buckets, resolution."""
+    from .images import make_buckets
+
+    res = int(ds["resolution"])
+    variants = int(ds.get("caption_variants") or 0)
+    shuffle = bool(variants and ds.get("shuffle_captions"))
+    out = {
+        "ss_resolution": f"({res}, {res})",
+        "ss_enable_bucket": str(ds["buckets"]),
+        "ss_shuffle_caption": str(shuffle),
+        "ss_keep_tokens": str(int(ds.get("keep_tokens") or 0) if shuffle else 0),
+        "ss_caption_tag_dropout_rate": str(float(ds.get("tag_dropout") or 0) if variants else 0.0),
+        "ss_flip_aug": "False",
+        "ss_color_aug": "False",
+        "ss_random_crop": "False",  # centre crop into the bucket
+        "ss_bucket_no_upscale": "False",
+        "modelspec.resolution": f"{res}x{res}",
+    }
+    if ds["buckets"]:
+        buckets = make_buckets(res, int(ds.get("bucket_step") or 64))
+        sides = [x for b in buckets for x in (b.width, b.height)]
+        out["ss_min_bucket_reso"], out["ss_max_bucket_reso"] = str(min(sides)), str(max(sides))
+    if ds.get("trigger"):
+        out["modelspec.trigger_phrase"] = str(ds["trigger"])
+    return out
+
+
+def file_metadata(
+    doc: dict, model_path: str | None = None, architecture: dict | None = None
+) -> dict[str, str]:
     """Metadata every exported LoRA file of a run carries: the trace fields, plus the run-level
-    ``ss_*`` fields WebUI/ComfyUI display."""
+    ``ss_*`` / ``modelspec.*`` fields of its dataset and base model.
+
+    ``model_path``: where this job sees the base model (default: its path in config.yaml);
+    ``architecture``: `export.architecture_metadata` of it, when known already (otherwise it is
+    read from the model's configs, and left out when they are not on this machine). No
+    absolute path of this machine is written unless the run sets ``metadata_paths: true``:
+    ``ss_sd_model_name`` and the dataset key (``lorapipe_dataset``, the key of
+    ``ss_dataset_dirs``) are the model folder's and the dataset's names.
+    """
+    from .export import architecture_metadata
+
+    ds, bm, run = doc["dataset"], doc["base_model"], doc.get("run", {})
+    paths = bool(run.get("metadata_paths"))
+    path = model_path or bm["path"]
     extra = trace_metadata(doc)
-    extra.update(
-        {
-            "ss_resolution": f"({doc['dataset']['resolution']}, {doc['dataset']['resolution']})",
-            "ss_enable_bucket": str(doc["dataset"]["buckets"]),
-            "ss_sd_model_name": Path(doc["base_model"]["path"]).name,
-        }
+    extra.update(_dataset_fields(ds))
+    extra["ss_sd_model_name"] = os.path.abspath(bm["path"]) if paths else Path(bm["path"]).name
+    extra["lorapipe_dataset"] = (
+        os.path.abspath(ds["path"]) if paths and ds.get("path") else str(ds.get("name", ""))
     )
+    # sd-scripts draws a random session id (0..2**32); one run's files (each step, the final)
+    # share this one, drawn from the run fingerprint
+    fp = str(doc["fingerprints"]["run"]).encode()
+    extra["ss_session_id"] = str(int(hashlib.sha256(fp).hexdigest()[:8], 16))
+    if architecture is None:
+        cfgs = model_configs(path, bm.get("original_config"))
+        architecture = architecture_metadata(cfgs.get("unet") or {}, cfgs.get("scheduler") or {})
+    extra.update(architecture)
+    extra.update(base_model_hashes(path))
     return extra
 
 
-def export_metadata(config_yaml: str, summary_json: str) -> tuple[dict, dict[str, str]]:
-    """(run settings, metadata) of the final kohya file: `file_metadata`, the step counts and
+def train_facts(summary: dict, metrics_jsonl=None, shard_indexes=()) -> dict:
+    """What `export.train_metadata` needs, from train_summary.json; where it lacks a fact, from
+    the stage's other files: the finish time from the last step's time in ``metrics_jsonl``
+    (the start: that less ``wall_s``), the buckets from the shards' index files, the planned
+    steps from the steps done (a finished run did them all)."""
+    from .export import bucket_info
+
+    facts = dict(summary)
+    facts.setdefault("max_steps", summary.get("steps"))
+    if facts.get("finished_at") is None and metrics_jsonl and Path(metrics_jsonl).is_file():
+        lines = [x for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
+        if lines and "time" in json.loads(lines[-1]):
+            facts["finished_at"] = json.loads(lines[-1])["time"]
+            if facts.get("started_at") is None and summary.get("wall_s") is not None:
+                facts["started_at"] = facts["finished_at"] - float(summary["wall_s"])
+    if not facts.get("bucket_info"):
+        rows = [
+            json.loads(x)
+            for f in shard_indexes
+            if Path(f).is_file()
+            for x in Path(f).read_text(encoding="utf-8").splitlines()
+            if x.strip()
+        ]
+        if rows:
+            facts["bucket_info"] = bucket_info(rows)
+    return facts
+
+
+def export_metadata(
+    config_yaml: str, summary_json: str, metrics_jsonl=None, shard_indexes=()
+) -> tuple[dict, dict[str, str]]:
+    """(run settings, metadata) of the final kohya file: `file_metadata`, what training did
+    (`train_facts`, `export.train_metadata`: steps, precision used, times, buckets, images) and
     the MLflow run id the train stage logged to (when it reached the store)."""
+    from .export import train_metadata
+
     doc = read_run_config(config_yaml, context=True)
     summary = json.loads(Path(summary_json).read_text())
-    extra = file_metadata(doc)
-    extra.update(
-        {
-            "ss_steps": str(summary["steps"]),
-            "ss_epoch": str(summary["epochs"]),
-            "ss_num_epochs": str(summary["epochs"]),
-        }
-    )
+    extra = file_metadata(doc, architecture=summary.get("architecture"))
+    facts = train_facts(summary, metrics_jsonl, shard_indexes)
+    extra.update(train_metadata(facts, doc["run"]))
     if summary.get("mlflow_run_id"):
         extra["lorapipe_mlflow_run_id"] = summary["mlflow_run_id"]
     return doc["run"], extra
@@ -138,7 +247,7 @@ def train_run(
         )
     return train(
         run, latents, model_path, out_dir, checkpoints, fingerprint,
-        tracker=tracker, export_meta=file_metadata(doc),
+        tracker=tracker, export_meta=file_metadata(doc, model_path),
         original_config=doc["base_model"].get("original_config"),
     )  # fmt: skip
 

@@ -277,8 +277,9 @@ def test_export_metadata_traces_the_run_and_its_mlflow_run(tmp_path):
 
 
 def test_diffusers_text_encoder_keys_get_kohya_sd1_names():
-    """diffusers writes a text-encoder LoRA as ``lora_linear_layer.down/up`` of transformers 5's
-    CLIPTextModel (no ``text_model`` level); kohya's SD-1.x names have that level."""
+    """A diffusers file with transformers 5's text-encoder names (no ``text_model`` level: what
+    lorapipe wrote before issue 14, and what diffusers writes for transformers 5's
+    CLIPTextModel) still exports: kohya's SD-1.x names have that level."""
     import torch
 
     from lorapipe.export import kohya_metadata

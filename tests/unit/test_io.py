@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -176,6 +177,48 @@ def test_remove_stale_temps_only_touches_that_files_temps(tmp_path):
         (tmp_path / name).write_text("x")
     assert remove_stale_temps(target, tmp_path / "missing" / "x") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [".00002.tar.abc.tmp", "00001.tar"]
+
+
+# --- file modes ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=[0o002, 0o022], ids=["umask002", "umask022"])
+def umask(request):
+    """The process umask for one test (restored after it)."""
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    """Every atomic writer leaves the mode ``open(path, "w")`` gives a new file under the umask
+    (not mkstemp's 0600), also over an older 0600 file; a temporary folder gets mkdir's."""
+    from lorapipe.io import make_temp_dir, save_safetensors
+
+    plain = tmp_path / "plain"
+    with open(plain, "w"):
+        pass
+    want = 0o666 & ~umask
+    assert mode(plain) == want
+    old = tmp_path / "old.txt"
+    old.write_text("before")
+    old.chmod(0o600)  # as every atomic write left it before
+    atomic_write_text(old, "after")
+    atomic_write_bytes(tmp_path / "b.bin", b"x")
+    with atomic_paths(tmp_path / "p1", tmp_path / "d" / "p2") as (t1, t2):
+        t1.write_bytes(b"1")
+        t2.write_bytes(b"2")
+    write_checksum(tmp_path / "b.bin")
+    save_safetensors({}, tmp_path / "t.safetensors", {"k": "v"})
+    written = ["old.txt", "b.bin", "p1", "d/p2", "b.bin.sha256", "t.safetensors"]
+    assert {f: mode(tmp_path / f) for f in written} == dict.fromkeys(written, want)
+    assert mode(tmp_path / "d") == 0o777 & ~umask
+    assert mode(make_temp_dir(tmp_path)) == 0o777 & ~umask
+    assert leftovers(tmp_path) == []
 
 
 # --- checksums and the consumers' checks ---------------------------------------------------
