@@ -39,6 +39,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped diffusers folder, built from code with seed 0."""
+    from lorapipe.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
 def demo_images(tmp_path_factory) -> Path:
     """16 synthetic images (plus sidecars and one truncated JPEG)."""
     from lorapipe.demo import make_demo_dataset

@@ -27,6 +27,17 @@ def _family_or_none(path, original_config=None):
         return _Unrecognised
 
 
+def model_parts_of(path: str | os.PathLike) -> tuple[str, ...]:
+    """The parts a diffusers folder must have: its family's (SDXL: both text encoders and
+    tokenizers), or SD-1.x's when no family recognises it (what it lacks to be one)."""
+    try:
+        return family_of(path).parts
+    except ValueError:
+        from .families import SD
+
+        return SD.parts
+
+
 def check_model_path(path: str | os.PathLike) -> Path:
     """Return ``path`` as a Path if it is a usable local model, else raise naming what's missing."""
     p = Path(path)
@@ -140,11 +151,19 @@ def _single_file_pipeline(family: Family, p: Path, cfg: Path, skip=()):
         str(p),
         config=str(cfg),
         local_files_only=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **_pipeline_kwargs(family),
         **{k: None for k in skip},
     )
+
+
+# SD-1.x/2.x pipelines: no safety checker (the family's `pipeline_kwargs` for others)
+_SD_PIPELINE_KWARGS = {"safety_checker": None, "feature_extractor": None,
+                       "requires_safety_checker": False}  # fmt: skip
+
+
+def _pipeline_kwargs(family) -> dict:
+    """What loading ``family``'s pipeline passes besides the model (SDXL: no watermarker)."""
+    return dict(getattr(family, "pipeline_kwargs", _SD_PIPELINE_KWARGS))
 
 
 def load_pipeline(path: str | os.PathLike, original_config: str | None = None):
@@ -153,8 +172,9 @@ def load_pipeline(path: str | os.PathLike, original_config: str | None = None):
     if p.is_file():
         cfg = check_config_folder(p, original_config)
         return _single_file_pipeline(family_of(p, cfg), p, cfg)
-    return family_of(p).pipeline_class().from_pretrained(
-        str(p), local_files_only=True, safety_checker=None, requires_safety_checker=False
+    family = family_of(p)
+    return family.pipeline_class().from_pretrained(
+        str(p), local_files_only=True, **_pipeline_kwargs(family)
     )
 
 
@@ -177,7 +197,6 @@ def lora_config(rank: int, alpha: float, targets, dropout: float = 0.0):
         init_lora_weights="gaussian",
         target_modules=list(targets),
     )
-
 
 
 def adapter_metadata(cfg) -> dict:

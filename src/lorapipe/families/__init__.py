@@ -21,8 +21,9 @@ from pathlib import Path
 
 from .base import Family
 from .sd import SD
+from .sdxl import SDXL
 
-FAMILIES: tuple[Family, ...] = (SD(),)
+FAMILIES: tuple[Family, ...] = (SD(), SDXL())
 
 
 def _read_json(path: Path) -> dict:
@@ -55,4 +56,4 @@ def family_named(name: str) -> Family:
     raise ValueError(f"unknown model family {name!r} (have: {[f.name for f in FAMILIES]})")
 
 
-__all__ = ["FAMILIES", "SD", "Family", "family_named", "family_of"]
+__all__ = ["FAMILIES", "SD", "SDXL", "Family", "family_named", "family_of"]
