@@ -14,6 +14,15 @@ The kohya file has ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora
 and the ``ss_*`` / ``modelspec.*`` metadata sd-scripts writes (its ``train_network.py`` and
 ``library/sai_model_spec.py``), filled from what the run did. Only safetensors with string
 metadata: no pickles anywhere.
+
+SDXL (a UNet config with ``addition_embed_type: text_time``): the diffusers file has
+``text_encoder_2.…`` keys for the second encoder's LoRA (diffusers'
+``StableDiffusionXLPipeline.save_lora_weights``); the kohya file names UNet modules as sd-scripts
+does for SDXL, by the original (LDM) module paths of ``library/sdxl_original_unet.py``
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``lora_unet_middle_block_1_…``,
+``lora_unet_output_blocks_0_1_…``), and the encoders ``lora_te1_text_model_…`` and
+``lora_te2_text_model_…`` (sd-scripts' ``LORA_PREFIX_TEXT_ENCODER1/2``; ComfyUI's
+``comfy/lora.py`` and A1111's Lora extension map exactly these names).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from pathlib import Path
 from .io import save_safetensors
 
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+TE_COMPONENTS = ("text_encoder", "text_encoder_2")
 SUFFIXES = {
     ".lora.down.weight": "lora_down",
     ".lora.up.weight": "lora_up",
@@ -121,11 +132,19 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _kohya_key(key: str) -> tuple[str, str, str]:
-    """(component, kohya module name, lora_down|lora_up) of a diffusers LoRA key."""
+def is_sdxl_unet(unet_config: dict | None) -> bool:
+    """Whether a UNet config is SDXL's (added pooled-text + size conditioning)."""
+    return bool(unet_config) and unet_config.get("addition_embed_type") == "text_time"
+
+
+def _kohya_key(key: str, unet_config: dict | None = None) -> tuple[str, str, str]:
+    """(component, kohya module name, lora_down|lora_up) of a diffusers LoRA key; SDXL names
+    when ``unet_config`` is SDXL's (see the module docstring)."""
+    sdxl = is_sdxl_unet(unet_config)
+    prefixes = SDXL_PREFIXES if sdxl else PREFIXES
     component, _, rest = key.partition(".")
-    if component not in PREFIXES or not rest:
-        raise ValueError(f"unexpected key {key!r}: component must be one of {list(PREFIXES)}")
+    if component not in prefixes or not rest:
+        raise ValueError(f"unexpected key {key!r}: component must be one of {list(prefixes)}")
     match = [
         (rest[: -len(sfx)], kohya)
         for sfx, kohya in SUFFIXES.items()
@@ -134,23 +153,39 @@ def _kohya_key(key: str) -> tuple[str, str, str]:
     if not match:
         raise ValueError(f"unexpected key {key!r}: not a LoRA down/up weight")
     module, kohya = match[0]
-    if component == "text_encoder" and not module.startswith(KOHYA_TE_ROOT):
+    if component in TE_COMPONENTS and not module.startswith(KOHYA_TE_ROOT):
         module = KOHYA_TE_ROOT + module
-    return component, PREFIXES[component] + module.replace(".", "_"), kohya
+    if component == "unet" and sdxl:
+        from .tiny_sdxl import sdxl_unet_key_to_ldm
+
+        module = sdxl_unet_key_to_ldm(f"{module}.weight", unet_config).removesuffix(".weight")
+    return component, prefixes[component] + module.replace(".", "_"), kohya
 
 
-def kohya_state_dict(tensors: dict, meta: dict[str, str]) -> dict:
+def _check_layout(meta: dict[str, str], unet_config: dict | None) -> None:
+    """An SDXL LoRA needs its UNet config for kohya's names: refuse to guess without it."""
+    sdxl_meta = str(meta.get("ss_base_model_version", "")).startswith("sdxl")
+    if sdxl_meta and not is_sdxl_unet(unet_config):
+        raise ValueError(
+            "an SDXL LoRA (ss_base_model_version "
+            f"{meta['ss_base_model_version']}): kohya names need the base model's UNet config"
+        )
+
+
+def kohya_state_dict(tensors: dict, meta: dict[str, str], unet_config: dict | None = None) -> dict:
     """Map diffusers keys to kohya keys and add one ``.alpha`` tensor per module.
 
     The trained alpha goes into ``.alpha``; up weights that carry the scale (`weight_scale`) are
     divided by it again, so kohya's loaders (alpha / rank times up @ down) apply it once.
+    ``unet_config``: the base model's UNet config; SDXL's gives sd-scripts' SDXL names.
     """
     import torch
 
+    _check_layout(meta, unet_config)
     out = {}
     ranks: dict[str, int] = {}
     for key, value in tensors.items():
-        component, name, kohya = _kohya_key(key)
+        component, name, kohya = _kohya_key(key, unet_config)
         if f"{name}.{kohya}.weight" in out:
             raise ValueError(f"unexpected key {key!r}: a second {kohya} weight for {name}")
         scale = weight_scale(meta, component)
@@ -201,12 +236,22 @@ def architecture_metadata(unet_config: dict, scheduler_config: dict) -> dict[str
     scheduler's ``prediction_type``. Values as sd-scripts writes them: ``ss_v2``,
     ``ss_base_model_version`` (sd_v1, sd_v1_v, sd_v2, sd_v2_v), ``modelspec.architecture``
     (stable-diffusion-v1, -v2-512 or -v2-768-v, then "/lora"), ``modelspec.prediction_type``
-    (epsilon, v). Empty without a UNet config: nothing is guessed.
+    (epsilon, v). An SDXL UNet (`is_sdxl_unet`) gets sd-scripts' SDXL labels (sdxl_base_v1-0,
+    stable-diffusion-xl-v1-base/lora, and the implementation sd-scripts names for SDXL LoRAs).
+    Empty without a UNet config: nothing is guessed.
     """
     if not unet_config:
         return {}
-    v2 = int(unet_config.get("cross_attention_dim") or 768) >= 1024
     v = (scheduler_config or {}).get("prediction_type") == "v_prediction"
+    if is_sdxl_unet(unet_config):  # sd-scripts: SDXL_MODEL_VERSION_STR, ARCH_SD_XL_V1_BASE
+        return {
+            "ss_v2": "False",
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.prediction_type": "v" if v else "epsilon",
+        }
+    v2 = int(unet_config.get("cross_attention_dim") or 768) >= 1024
     arch = "stable-diffusion-v1"
     if v2:
         arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
@@ -431,22 +476,26 @@ def save_diffusers_lora(
     extra_meta: dict[str, str] | None = None,
     te_peft_state: dict | None = None,
     te_adapter_metadata: dict | None = None,
+    te2_peft_state: dict | None = None,
 ) -> tuple[dict, dict[str, str]]:
     """Write a UNet LoRA (and a text-encoder one) as diffusers' ``save_lora_weights`` does, plus
     lorapipe's metadata.
 
     ``peft_state`` is ``get_peft_model_state_dict(unet)`` (of the uncompiled UNet);
-    ``te_peft_state`` the text encoder's, when it was trained; text-encoder keys get the names
-    diffusers writes for one (`_te_layers`). Each adapter's scale goes into its up weights
-    (`bake_scale`): diffusers with and without ``lora_adapter_metadata`` support load it at the
-    trained strength; ``lorapipe_trained_alpha`` keeps the trained alpha for the kohya export.
-    diffusers writes the file (its key layout and ``lora_adapter_metadata``); it is then
+    ``te_peft_state`` the text encoder's, when it was trained (``te2_peft_state``: SDXL's second
+    encoder's, with the same adapter config, written as diffusers'
+    ``StableDiffusionXLPipeline.save_lora_weights`` writes it: ``text_encoder_2.…``);
+    text-encoder keys get the names diffusers writes for one (`_te_layers`). Each adapter's
+    scale goes into its up weights (`bake_scale`): diffusers with and without
+    ``lora_adapter_metadata`` support load it at the trained strength;
+    ``lorapipe_trained_alpha`` keeps the trained alpha for the kohya export. diffusers writes
+    the file (its key layout and ``lora_adapter_metadata``); it is then
     rewritten with ``extra_meta`` merged in, atomically and with a sorted, byte-reproducible
     header. No pipeline is loaded. Returns the tensors and metadata written.
     """
     import shutil
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors import safe_open
 
@@ -459,19 +508,20 @@ def save_diffusers_lora(
     lora, unet_meta, trained_unet = bake_scale(layers(peft_state), adapter_metadata, "unet")
     trained = {"unet": trained_unet}
     te_kw = {}
-    if te_peft_state is not None:
-        te_layers, te_meta, trained["text_encoder"] = bake_scale(
-            _te_layers(layers(te_peft_state)), te_adapter_metadata or {}, "text_encoder"
+    for component, state in (("text_encoder", te_peft_state), ("text_encoder_2", te2_peft_state)):
+        if state is None:
+            continue
+        te_layers, te_meta, trained[component] = bake_scale(
+            _te_layers(layers(state)), te_adapter_metadata or {}, component
         )
-        te_kw = {
-            "text_encoder_lora_layers": te_layers,
-            "text_encoder_lora_adapter_metadata": te_meta,
-        }
+        te_kw[f"{component}_lora_layers"] = te_layers
+        te_kw[f"{component}_lora_adapter_metadata"] = te_meta
+    writer = StableDiffusionXLPipeline if te2_peft_state is not None else StableDiffusionPipeline
     out_file = Path(out_file)
     staging = out_file.parent / f".{out_file.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        StableDiffusionPipeline.save_lora_weights(
+        writer.save_lora_weights(
             staging, unet_lora_layers=lora, unet_lora_adapter_metadata=unet_meta, **te_kw
         )
         with safe_open(str(staging / "pytorch_lora_weights.safetensors"), framework="pt") as f:
@@ -492,12 +542,14 @@ def save_kohya(
     run_cfg: dict,
     extra_meta: dict[str, str],
     tag_freq: dict,
+    unet_config: dict | None = None,
 ) -> int:
     """Write the kohya-layout file of a diffusers LoRA (its tensors and metadata); returns the
-    number of tensors."""
-    sd = kohya_state_dict(tensors, meta)
+    number of tensors. ``unet_config``: the base model's (SDXL's gives SDXL names)."""
+    _check_layout(extra_meta, unet_config)
+    sd = kohya_state_dict(tensors, meta, unet_config)
     alpha, rank = read_alpha(meta, "unet")
-    te = any(k.startswith(PREFIXES["text_encoder"]) for k in sd)
+    te = any(k.startswith("lora_te") for k in sd)
     md = kohya_metadata(run_cfg, extra_meta, tag_freq, (rank, alpha), text_encoder=te)
     md["sshs_model_hash"], md["sshs_legacy_hash"] = safetensors_hashes(sd, md)
     save_safetensors(sd, out_file, metadata=md)
@@ -511,15 +563,17 @@ def export_kohya(
     extra_meta: dict[str, str],
     caption_jsonls: list[str] = (),
     dataset: str = "",
+    unet_config: dict | None = None,
 ) -> int:
-    """Write the kohya-layout file next to the diffusers one; returns the number of tensors."""
+    """Write the kohya-layout file next to the diffusers one; returns the number of tensors.
+    ``unet_config``: the base model's UNet config (needed for SDXL's names)."""
     from safetensors import safe_open
 
     with safe_open(str(diffusers_file), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     freq = tag_frequency(list(caption_jsonls), dataset)
-    return save_kohya(tensors, meta, out_file, run_cfg, extra_meta, freq)
+    return save_kohya(tensors, meta, out_file, run_cfg, extra_meta, freq, unet_config)
 
 
 def export_checkpoint(
@@ -531,15 +585,18 @@ def export_checkpoint(
     tag_freq: dict,
     te_peft_state: dict | None = None,
     te_adapter_metadata: dict | None = None,
+    te2_peft_state: dict | None = None,
+    unet_config: dict | None = None,
 ) -> Path:
     """Both LoRA files of an intermediate checkpoint, written into a fresh ``out_dir``.
 
     ``pytorch_lora_weights.safetensors`` (diffusers) and ``<run>-step<NNNNNN>.safetensors``
     (kohya, named from ``extra_meta["ss_steps"]``), so any saved step can be loaded and
-    compared in diffusers, WebUI or ComfyUI. With ``te_peft_state`` both carry the text-encoder
-    LoRA too. The diffusers file gets the ``lorapipe_*`` fields of ``extra_meta``, the kohya file
-    all of them. Written in a temporary folder, then renamed: the
-    folder is complete or absent.
+    compared in diffusers, WebUI or ComfyUI. With ``te_peft_state`` (and SDXL's
+    ``te2_peft_state``) both carry the text-encoder LoRA too; ``unet_config`` is the base
+    model's (SDXL's gives sd-scripts' SDXL names). The diffusers file gets the ``lorapipe_*``
+    fields of ``extra_meta``, the kohya file all of them. Written in a temporary folder, then
+    renamed: the folder is complete or absent.
     """
     import shutil
 
@@ -552,9 +609,9 @@ def export_checkpoint(
     trace = {k: v for k, v in extra.items() if k.startswith("lorapipe_")}
     tensors, meta = save_diffusers_lora(
         peft_state, adapter_metadata, tmp / "pytorch_lora_weights.safetensors", trace,
-        te_peft_state, te_adapter_metadata,
+        te_peft_state, te_adapter_metadata, te2_peft_state,
     )  # fmt: skip
-    save_kohya(tensors, meta, tmp / f"{name}.safetensors", run_cfg, extra, tag_freq)
+    save_kohya(tensors, meta, tmp / f"{name}.safetensors", run_cfg, extra, tag_freq, unet_config)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir

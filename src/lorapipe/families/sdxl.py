@@ -121,12 +121,12 @@ class SDXL(Family):
         return build_tiny_sdxl(out_dir, seed)
 
     def architecture(self, unet_config: dict, scheduler_config: dict) -> dict[str, str]:
-        # sd-scripts library/sai_model_spec.py: ARCH_SD_XL_V1_BASE; kohya's SDXL version string
-        return {
-            "ss_base_model_version": "sdxl_base_v1-0",
-            "ss_v2": "False",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        }
+        """sd-scripts' SDXL labels (``sdxl_base_v1-0``, ``stable-diffusion-xl-v1-base/lora``):
+        the export's, which every exported file carries."""
+        from ..export import architecture_metadata
+
+        return architecture_metadata({**unet_config, "addition_embed_type": "text_time"},
+                                     scheduler_config)  # fmt: skip
 
 
 def time_ids(meta: dict) -> list[int]:
