@@ -1,4 +1,21 @@
+from lorapipe.captions import report_unmatched
 from lorapipe.io import integrity_param
+
+# A captions.csv row that matches no image (a typo, a case difference) would be dropped without a
+# word: each is named while the plan is made, with the closest image, and listed in
+# results/<dataset>/captions_unmatched.tsv. A captions.csv that cannot be read stops the plan.
+if workflow.is_main_process:
+    for _name, _ds in DATASETS.items():
+        if "synthetic" in _ds:
+            continue
+        try:
+            report_unmatched(
+                _ds["path"],
+                f"results/{_name}/captions_unmatched.tsv",
+                write=not workflow.dryrun,
+            )
+        except ValueError as e:
+            raise WorkflowError(str(e)) from None
 
 
 rule caption:

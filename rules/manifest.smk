@@ -1,4 +1,28 @@
+from lorapipe.config import check_yaml_files
 from lorapipe.io import integrity_param
+from lorapipe.manifest import rescan_token
+
+# Snakemake reads each --configfile leniently (a key given twice: the last one silently wins);
+# read them again strictly, so a duplicate key stops the plan naming the file and the line.
+try:
+    check_yaml_files(workflow.configfiles)
+except lpconfig.ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
+SCAN_CACHE = "results/cache/scan/{dataset}/{shard}.jsonl"
+
+
+def get_shard_rescan(wildcards):
+    """Changes when an image of the shard was rewritten with its size and mtime kept (which
+    the stamp cannot see): the manifest is rebuilt (lorapipe.manifest.rescan_token)."""
+    if "synthetic" in DATASETS[wildcards.dataset]:
+        return ""
+    return rescan_token(
+        get_root(wildcards),
+        get_shard_relpaths(wildcards),
+        SCAN_CACHE.format(**dict(wildcards.items())),
+        record=workflow.is_main_process and not workflow.dryrun,
+    )
 
 
 rule manifest:
@@ -17,8 +41,10 @@ rule manifest:
         files=get_shard_relpaths,
         # the images are read but not declared (see rules/common.smk): this restales the shard
         stamp=get_shard_stamp,
+        # an image rewritten in place with the same size and mtime: also restales the shard
+        rescan=get_shard_rescan,
         settings=get_scan_settings,
-        cache="results/cache/scan/{dataset}/{shard}.jsonl",
+        cache=SCAN_CACHE,
         code=script_code("manifest"),
         pil=LIBS_IMAGE,
         # changes when the output was damaged after it was written: rebuilds it (lorapipe.io)
@@ -28,14 +54,18 @@ rule manifest:
 
 
 rule merge_manifest:
-    """Dataset-wide views (manifest.jsonl, rejected.tsv); no per-shard job reads them."""
+    """Dataset-wide views (manifest.jsonl, rejected.tsv); no per-shard job reads them.
+
+    A copy of rejected.tsv is a log, so it survives when the job fails because no image is valid.
+    """
     input:
         get_dataset_manifests,
     output:
         manifest="results/{dataset}/manifest.jsonl",
         rejected="results/{dataset}/rejected.tsv",
     log:
-        "logs/merge_manifest/{dataset}.log",
+        main="logs/merge_manifest/{dataset}.log",
+        rejected="logs/merge_manifest/{dataset}.rejected.tsv",
     conda:
         ENV
     params:

@@ -12,4 +12,5 @@ counts = caption_shard(
     snakemake.output.jsonl,
     overrides=dict(p.overrides),
     checksum=True,
+    dataset=snakemake.wildcards.dataset,
 )

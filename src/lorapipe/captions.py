@@ -20,13 +20,17 @@ tag caption into variant ``i`` of a sample, reproducibly from (sample key, i) al
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
+import sys
+import unicodedata
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,29 +88,145 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def read_overrides(csv_path: str | os.PathLike) -> dict[str, str]:
-    """Read a person's caption edits (``path,caption`` rows; header required).
+def read_override_rows(csv_path: str | os.PathLike) -> list[tuple[int, str, str]]:
+    """A person's caption edits as ``(line, path, caption)`` rows (``path,caption`` header
+    required; other columns, such as the review file's ``source``, are ignored).
 
-    Paths are relative to the dataset folder; a leading ``./`` is ignored. A UTF-8 BOM (Excel's
-    "CSV UTF-8") is accepted.
+    Paths are relative to the dataset folder; a leading ``./`` is ignored, and rows without a
+    path are skipped. A UTF-8 BOM (Excel's "CSV UTF-8") is accepted.
+
+    Raises:
+        ValueError: naming the file (and the line): not UTF-8, no header, a row with fewer or
+            more cells than the header (an unquoted comma in a caption), or two different
+            captions for one image.
     """
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in reader.fieldnames or []]
-        if not {"path", "caption"} <= set(fields):
-            raise ValueError(f"{csv_path}: needs a header with columns 'path' and 'caption'")
-        reader.fieldnames = fields
-        out = {}
-        for row in reader:
-            rel = (row.get("path") or "").strip()
-            if not rel:
-                continue
-            if row.get("caption") is None:
-                raise ValueError(f"{csv_path}:{reader.line_num}: no caption column in this row")
-            while rel.startswith("./"):
-                rel = rel[2:]
-            out[rel] = row["caption"].strip()
-        return out
+    try:
+        text = Path(csv_path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{csv_path}: not UTF-8 text ({e.reason} at byte {e.start}): save it as "
+            "\"CSV UTF-8\""
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    fields = [f.strip() for f in reader.fieldnames or []]
+    if not {"path", "caption"} <= set(fields):
+        raise ValueError(f"{csv_path}: needs a header with columns 'path' and 'caption'")
+    reader.fieldnames = fields
+    rows: list[tuple[int, str, str]] = []
+    first: dict[str, tuple[int, str]] = {}
+    for row in reader:
+        line = reader.line_num
+        rel = (row.get("path") or "").strip()
+        if not rel:
+            continue
+        if row.get("caption") is None:
+            raise ValueError(f"{csv_path}:{line}: no caption column in this row")
+        if row.get(None):
+            raise ValueError(
+                f"{csv_path}:{line}: more cells than the header ({', '.join(fields)}): a caption "
+                'with a comma must be in double quotes ("red, blue")'
+            )
+        while rel.startswith("./"):
+            rel = rel[2:]
+        caption = row["caption"].strip()
+        seen = first.setdefault(rel, (line, caption))
+        if seen[1] != caption:
+            raise ValueError(
+                f"{csv_path}:{line}: {rel} already has another caption on line {seen[0]} "
+                "(one row per image)"
+            )
+        rows.append((line, rel, caption))
+    return rows
+
+
+def read_overrides(csv_path: str | os.PathLike) -> dict[str, str]:
+    """A person's caption edits by image path (see :func:`read_override_rows`)."""
+    return {rel: caption for _line, rel, caption in read_override_rows(csv_path)}
+
+
+def closest_image(rel: str, images: list[str], lowered: Mapping[str, str]) -> str | None:
+    """The image a captions.csv path that matches none most likely meant, or None.
+
+    Tried in order: a difference of case only; Windows separators, a leading ``/`` or another
+    Unicode normal form (macOS writes names decomposed); then a close spelling.
+    """
+    present = set(images)
+    fixed = rel.replace("\\", "/").lstrip("/")
+    for cand in (fixed, unicodedata.normalize("NFC", fixed), unicodedata.normalize("NFD", fixed)):
+        if cand in present and cand != rel:
+            return cand
+        if cand.lower() in lowered:
+            return lowered[cand.lower()]
+    if len(images) <= 20000:
+        close = difflib.get_close_matches(fixed, images, n=1, cutoff=0.8)
+        if close:
+            return close[0]
+    return None
+
+
+def unmatched_overrides(
+    csv_path: str | os.PathLike, images: list[str]
+) -> list[tuple[int, str, str | None]]:
+    """Rows of captions.csv that match no image: ``(line, path, closest image or None)``."""
+    present = set(images)
+    lowered: dict[str, str] = {}
+    for p in images:
+        lowered.setdefault(p.lower(), p)
+    out = []
+    for line, rel, _caption in read_override_rows(csv_path):
+        if rel not in present:
+            out.append((line, rel, closest_image(rel, images, lowered)))
+    return out
+
+
+def _stderr(msg: str) -> None:
+    """A warning while Snakemake plans: on stderr, marked as lorapipe's."""
+    print(f"lorapipe: {msg}", file=sys.stderr)
+
+
+def report_unmatched(
+    root: str | os.PathLike,
+    out_tsv: str | os.PathLike,
+    write: bool = True,
+    limit: int = 20,
+    warn: Callable[[str], None] = _stderr,
+) -> list[tuple[int, str, str | None]]:
+    """Warn about each captions.csv row of a dataset that matches no image, and list them all in
+    ``out_tsv`` (``line, path, closest``; removed once every row matches), so an edit is never
+    silently lost. Run while Snakemake plans (warnings on stderr); it costs one folder listing.
+
+    Returns:
+        The unmatched rows.
+    """
+    from .manifest import list_images
+
+    csv_path = Path(root) / "captions.csv"
+    rows = unmatched_overrides(csv_path, list_images(root)) if csv_path.is_file() else []
+    for line, rel, near in rows[:limit]:
+        hint = f" (did you mean {near!r}?)" if near else ""
+        warn(f"{csv_path}:{line}: {rel!r} matches no image{hint}: its caption is unused")
+    if len(rows) > limit:
+        warn(f"{csv_path}: {len(rows) - limit} more rows match no image")
+    if rows:
+        warn(f"{csv_path}: every row that matches no image is listed in {out_tsv}")
+    if not write:
+        return rows
+    if rows:
+        body = "".join(
+            f"{line}\t{_cell(rel)}\t{_cell(near or '')}\n" for line, rel, near in rows
+        )
+        text = "line\tpath\tclosest\n" + body
+        p = Path(out_tsv)
+        if not p.is_file() or p.read_text(encoding="utf-8", errors="replace") != text:
+            atomic_write_text(p, text)
+    else:
+        Path(out_tsv).unlink(missing_ok=True)
+    return rows
+
+
+def _cell(field: str) -> str:
+    """A TSV cell: tabs and line breaks escaped."""
+    return field.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def sidecar_of(root: Path, rel: str) -> Path | None:
@@ -130,11 +250,14 @@ def caption_shard(
     out_jsonl: str | os.PathLike,
     overrides: Mapping[str, str] | None = None,
     checksum: bool = False,
+    dataset: str = "",
 ) -> Counter:
     """Caption every valid image of one shard; write ``{path, sha256, caption, source}`` lines.
 
     The manifest is checked against its checksum sidecar first, when it has one; ``checksum``
-    also writes ``<out_jsonl>.sha256`` (see :mod:`lorapipe.io`).
+    also writes ``<out_jsonl>.sha256`` (see :mod:`lorapipe.io`). ``dataset`` names the dataset
+    in messages (``datasets.<dataset>.blip_model: …``). An edit of an image the scan rejected is
+    logged as unused.
 
     Returns:
         Counts per source (``edit``, ``sidecar``, ``cache``, ``template``, ``blip``) plus ``empty``.
@@ -143,40 +266,29 @@ def caption_shard(
     overrides = overrides or {}
     remove_stale_temps(out_jsonl, f"{out_jsonl}.sha256")
     verify_file(manifest_jsonl)
-    records = [r for r in read_jsonl(manifest_jsonl) if r["status"] == "ok"]
+    manifest = read_jsonl(manifest_jsonl)
+    records = [r for r in manifest if r["status"] == "ok"]
+    for r in manifest:
+        if r["status"] != "ok" and r["path"] in overrides:
+            log.warning("captions.csv row %r: the image is rejected (%s: %s): its caption is "
+                        "unused", r["path"], r["code"], r["reason"])  # fmt: skip
     cid = settings.captioner_id()
-    counts: Counter = Counter()
     out: dict[str, dict] = {}
     todo = []
     for r in records:
-        rel, sha = r["path"], r["sha256"]
-        side = sidecar_of(root, rel)
-        if rel in overrides:
-            text, source = overrides[rel], "edit"
-        elif side is not None:
-            text, source = _read_text(side).strip(), "sidecar"
-        elif settings.captioner == "none":
-            raise FileNotFoundError(
-                f"{root / rel}: no caption "
-                "(captioner 'none' needs a sidecar .txt or a captions.csv row)"
-            )
-        elif _cache_path(cache_dir, cid, sha).is_file():
-            text, source = _cache_path(cache_dir, cid, sha).read_text(encoding="utf-8"), "cache"
-        else:
+        found = _known_caption(root, r, settings, cache_dir, cid, overrides, dataset)
+        if found is None:
             todo.append(r)
-            continue
-        out[rel] = {"path": rel, "sha256": sha, "caption": text, "source": source}
-    if todo:
-        if settings.captioner == "template":
-            texts = [settings.template.format(trigger=settings.trigger) for _ in todo]
         else:
-            texts = blip_captions([root / r["path"] for r in todo], settings.blip_model)
-        for r, text in zip(todo, texts, strict=True):
-            atomic_write_text(_cache_path(cache_dir, cid, r["sha256"]), text)
-            out[r["path"]] = {
-                "path": r["path"], "sha256": r["sha256"], "caption": text,
-                "source": settings.captioner,
-            }
+            out[r["path"]] = {"path": r["path"], "sha256": r["sha256"], "caption": found[0],
+                              "source": found[1]}  # fmt: skip
+    for r, text in zip(todo, _generate(root, todo, settings, dataset), strict=True):
+        atomic_write_text(_cache_path(cache_dir, cid, r["sha256"]), text)
+        out[r["path"]] = {
+            "path": r["path"], "sha256": r["sha256"], "caption": text,
+            "source": settings.captioner,
+        }  # fmt: skip
+    counts: Counter = Counter()
     lines = []
     for rel in sorted(out):
         rec = out[rel]
@@ -189,17 +301,56 @@ def caption_shard(
     atomic_write_text(out_jsonl, "".join(lines))
     if checksum:
         write_checksum(out_jsonl)
-    n = len(records)
+    _log_counts(counts, len(records), len(todo))
+    return counts
+
+
+def _known_caption(root, r, settings, cache_dir, cid, overrides, dataset):
+    """``(text, source)`` of an image from an edit, sidecar or the cache; None: generate it."""
+    rel, sha = r["path"], r["sha256"]
+    if rel in overrides:
+        return overrides[rel], "edit"
+    side = sidecar_of(root, rel)
+    if side is not None:
+        return _read_text(side).strip(), "sidecar"
+    if settings.captioner == "none":
+        raise FileNotFoundError(
+            f"{root / rel}: no caption (datasets.{dataset or '<dataset>'}.captioner 'none' needs "
+            "a sidecar .txt or a captions.csv row)"
+        )
+    cached = _cache_path(cache_dir, cid, sha)
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8"), "cache"
+    return None
+
+
+def _generate(root: Path, todo: list[dict], settings: CaptionSettings, dataset: str) -> list[str]:
+    """The captioner's captions of ``todo`` (template or BLIP)."""
+    if not todo:
+        return []
+    key = f"datasets.{dataset or '<dataset>'}"
+    if settings.captioner == "template":
+        try:
+            text = settings.template.format(trigger=settings.trigger)
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{key}.caption_template: {settings.template!r} cannot be filled in "
+                f"({type(e).__name__}: {e}); the only placeholder is {{trigger}}"
+            ) from None
+        return [text for _ in todo]
+    return blip_captions([root / r["path"] for r in todo], settings.blip_model, key=key)
+
+
+def _log_counts(counts: Counter, n: int, misses: int) -> None:
+    """The caption job's summary: sources, cache hit rate, and a warning for mostly empty."""
     hits = counts["cache"]
-    misses = len(todo)
     log.info(
         "captions: %d images; sources %s; cache hit rate %s",
         n, dict(sorted(counts.items())),
         f"{hits / (hits + misses):.0%}" if hits + misses else "n/a",
-    )
+    )  # fmt: skip
     if n and counts["empty"] > n / 2:
         log.warning("%d of %d captions are empty: check sidecar names (.txt)", counts["empty"], n)
-    return counts
 
 
 @dataclass(frozen=True)
@@ -256,8 +407,6 @@ def merge_captions(shard_jsonls: list[str], out_csv: str | os.PathLike) -> Count
     Returns:
         Counts per source.
     """
-    import io
-
     rows = []
     for p in shard_jsonls:
         verify_file(p)
@@ -272,11 +421,16 @@ def merge_captions(shard_jsonls: list[str], out_csv: str | os.PathLike) -> Count
     return Counter(r["source"] for r in rows)
 
 
-def blip_captions(paths: list[Path], model_path: str | None, batch_size: int = 8) -> list[str]:
-    """Caption images with a BLIP model loaded from a local folder (GPU when present)."""
+def blip_captions(
+    paths: list[Path], model_path: str | None, batch_size: int = 8, key: str = "datasets.*"
+) -> list[str]:
+    """Caption images with a BLIP model loaded from a local folder (GPU when present).
+
+    ``key`` (``datasets.<name>``) names the setting in the error for a missing folder.
+    """
     if not model_path or not Path(model_path).is_dir():
         raise FileNotFoundError(
-            f"datasets.*.blip_model: BLIP model folder not found: {model_path!r} "
+            f"{key}.blip_model: BLIP model folder not found: {model_path!r} "
             "(download e.g. Salesforce/blip-image-captioning-base to a local folder)"
         )
     import torch

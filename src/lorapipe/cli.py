@@ -1,4 +1,5 @@
-"""Command line: ``lorapipe info`` and ``lorapipe compare RUN_A RUN_B``."""
+"""Command line: ``lorapipe info``, ``lorapipe compare RUN_A RUN_B`` and
+``lorapipe check-config FILE...``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,29 @@ def _info(_args) -> int:
         )
     except ImportError:
         print("cuda: torch not installed")
+    return 0
+
+
+def check_config(files: list[str], workdir: str = ".", check_files: bool = True) -> int:
+    """Check config files as the workflow will, before it starts: each file strictly (a YAML
+    syntax error or a duplicate key names the file and the line, which Snakemake's own message
+    does not), then the merged config (keys, values, constraints between keys, paths, sweeps).
+
+    Returns:
+        0 when the config is valid (printing a summary), 1 otherwise (printing the problems).
+    """
+    from .config import ConfigError, load_config, load_yaml
+
+    try:
+        cfg = load_yaml(*files)
+        load_config(cfg, workdir=workdir, check_files=check_files)
+    except ConfigError as e:
+        print(f"lorapipe check-config: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"ok: {len(cfg['datasets'])} dataset(s), {len(cfg['base_models'])} base model(s), "
+        f"{len(cfg['runs'])} run(s)"
+    )
     return 0
 
 
@@ -91,9 +115,17 @@ def main(argv=None) -> int:
     cmp.add_argument("run_a")
     cmp.add_argument("run_b")
     cmp.add_argument("--results", default="results", type=Path)
+    chk = sub.add_parser(
+        "check-config", help="check config files (as with --configfile A B ...) before a run"
+    )
+    chk.add_argument("files", nargs="+", help="config files, in --configfile order")
+    chk.add_argument("--workdir", default=".", help="folder the workflow runs in (paths)")
+    chk.add_argument("--no-files", action="store_true", help="do not check paths on disk")
     args = ap.parse_args(argv)
     if args.cmd == "info":
         return _info(args)
+    if args.cmd == "check-config":
+        return check_config(args.files, args.workdir, not args.no_files)
     print(compare_runs(args.results, args.run_a, args.run_b))
     return 0
 

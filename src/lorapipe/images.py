@@ -156,6 +156,11 @@ def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[Buc
     As in kohya's bucketing: for each width from small to large, the largest height that keeps the
     area within resolution², both rounded down to ``step``.
     """
+    if step < 1 or resolution < step:
+        raise ValueError(
+            f"resolution {resolution} is below bucket_step {step}: no bucket fits "
+            "(raise resolution or lower bucket_step)"
+        )
     area = resolution * resolution
     side = resolution // step * step  # the square bucket, rounded down like kohya's
     out: set[Bucket] = {Bucket(side, side)}

@@ -376,3 +376,106 @@ def test_merge_captions_makes_one_editable_csv_that_reads_back_as_edits(tmp_path
     (tmp_path / "00000.jsonl").write_text("damaged\n")
     with pytest.raises(Exception, match="00000.jsonl"):
         merge_captions(paths, out)
+
+
+# --- user-written text files (issue 16) -------------------------------------------------------
+
+
+def test_captions_csv_not_utf8_names_the_file(tmp_path):
+    """It failed with a bare UnicodeDecodeError naming no file (a sidecar got a clear one)."""
+    p = tmp_path / "captions.csv"
+    p.write_bytes("path,caption\na.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"captions\.csv: not UTF-8 text .*CSV UTF-8"):
+        read_overrides(p)
+
+
+def test_unquoted_comma_in_a_caption_is_an_error_not_a_cut(tmp_path):
+    """`a.png,red, blue` gave the caption "red" without a word."""
+    p = tmp_path / "captions.csv"
+    p.write_text("path,caption\na.png,red, blue\n")
+    with pytest.raises(ValueError, match=r"captions\.csv:2: more cells than the header .*double"):
+        read_overrides(p)
+    p.write_text('path,caption,source\na.png,"red, blue",edit\n')  # the review file's columns
+    assert read_overrides(p) == {"a.png": "red, blue"}
+
+
+def test_two_captions_for_one_image_name_both_lines(tmp_path):
+    p = tmp_path / "captions.csv"
+    p.write_text("path,caption\na.png,one\nb.png,x\n./a.png,two\n")
+    with pytest.raises(ValueError, match=r"captions\.csv:4: a\.png already has another caption on "
+                       r"line 2"):
+        read_overrides(p)
+    p.write_text("path,caption\na.png,one\na.png,one\n")  # the same row twice: harmless
+    assert read_overrides(p) == {"a.png": "one"}
+
+
+def test_rows_that_match_no_image_are_reported_with_the_closest(ds, tmp_path):
+    """A typo or a case difference used to drop the edit silently: each is a warning naming the
+    row and the image it likely meant, and a row of captions_unmatched.tsv."""
+    from lorapipe.captions import report_unmatched
+
+    for rel in ("Cat01.png", "sub/dog.png", "bird.png"):
+        write_image(ds.root / rel)
+    (ds.root / "captions.csv").write_text(
+        "path,caption\ncat01.png,a cat\nsub\\dog.png,a dog\nbrid.png,a bird\nzebra.png,z\n"
+        "bird.png,fine\n"
+    )
+    warnings: list[str] = []
+    out = tmp_path / "results" / "captions_unmatched.tsv"
+    rows = report_unmatched(ds.root, out, warn=warnings.append)
+    assert rows == [(2, "cat01.png", "Cat01.png"), (3, "sub\\dog.png", "sub/dog.png"),
+                    (4, "brid.png", "bird.png"), (5, "zebra.png", None)]  # fmt: skip
+    assert warnings[0].endswith(
+        "captions.csv:2: 'cat01.png' matches no image (did you mean 'Cat01.png'?): its caption "
+        "is unused")
+    assert "zebra.png' matches no image: its caption is unused" in warnings[3]
+    assert out.read_text().splitlines() == [
+        "line\tpath\tclosest", "2\tcat01.png\tCat01.png", "3\tsub\\dog.png\tsub/dog.png",
+        "4\tbrid.png\tbird.png", "5\tzebra.png\t"]  # fmt: skip
+    (ds.root / "captions.csv").write_text("path,caption\nbird.png,fine\n")
+    assert report_unmatched(ds.root, out, warn=warnings.append) == []
+    assert not out.exists()  # fixed: the list goes away
+
+
+def test_unicode_normal_form_difference_is_suggested(ds, tmp_path):
+    """macOS writes names decomposed (NFD); a typed caption row is composed (NFC)."""
+    import unicodedata
+
+    from lorapipe.captions import report_unmatched
+
+    nfd = unicodedata.normalize("NFD", "café.png")
+    write_image(ds.root / nfd)
+    (ds.root / "captions.csv").write_text("path,caption\ncafé.png,x\n", encoding="utf-8")
+    rows = report_unmatched(ds.root, tmp_path / "u.tsv", warn=lambda m: None)
+    assert rows == [(2, "café.png", nfd)]
+
+
+def test_edit_of_a_rejected_image_is_logged_as_unused(ds, caplog):
+    write_image(ds.root / "ok.png")
+    (ds.root / "broken.png").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        ds.caption(overrides={"broken.png": "never used", "ok.png": "mine"})
+    assert "captions.csv row 'broken.png': the image is rejected (empty" in caplog.text
+
+
+def test_template_error_at_job_start_names_the_dataset(ds, tmp_path):
+    """A template that slipped past the config check (an old config) names its dataset key."""
+    write_image(ds.root / "a.png")
+    manifest = tmp_path / "m.jsonl"
+    scan_shard(ds.root, ["a.png"], SCAN, manifest)
+    bad = CaptionSettings(captioner="template", template="a {subject}")
+    with pytest.raises(ValueError, match=r"datasets\.cats\.caption_template: 'a \{subject\}' cannot"
+                       r" be filled in \(KeyError"):
+        caption_shard(ds.root, manifest, bad, ds.cache, tmp_path / "c.jsonl", dataset="cats")
+
+
+def test_blip_and_none_errors_name_the_dataset(ds, tmp_path):
+    write_image(ds.root / "a.png")
+    manifest = tmp_path / "m.jsonl"
+    scan_shard(ds.root, ["a.png"], SCAN, manifest)
+    blip = CaptionSettings(captioner="blip", blip_model=str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=r"datasets\.cats\.blip_model: BLIP model folder"):
+        caption_shard(ds.root, manifest, blip, ds.cache, tmp_path / "c.jsonl", dataset="cats")
+    with pytest.raises(FileNotFoundError, match=r"datasets\.cats\.captioner 'none' needs"):
+        caption_shard(ds.root, manifest, CaptionSettings(captioner="none"), ds.cache,
+                      tmp_path / "c.jsonl", dataset="cats")  # fmt: skip

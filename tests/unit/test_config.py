@@ -104,7 +104,8 @@ def test_sweep_table_becomes_runs(cfg, tmp_path):
 def test_sweep_with_a_bad_column_names_it(cfg, tmp_path):
     (tmp_path / "s.tsv").write_text("lora_rnak\n4\n")
     cfg["sweeps"] = {"rk": {"table": "s.tsv", "base": {"dataset": "demo", "base_model": "tiny-sd"}}}
-    with pytest.raises(ConfigError, match=r"runs\.rk_lora_rnak~4\.lora_rnak: unknown key"):
+    with pytest.raises(ConfigError, match=r"s\.tsv:1: column 1: 'lora_rnak' is not a run setting "
+                       r"\(did you mean 'lora_rank'\?\)"):
         load_config(copy.deepcopy(cfg), workdir=tmp_path, check_files=False)
     cfg["sweeps"]["rk"]["table"] = "missing.tsv"
     with pytest.raises(ConfigError, match=r"sweeps\.rk\.table: file not found"):

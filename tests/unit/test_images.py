@@ -298,3 +298,11 @@ def test_resize_crop_covers_bucket_and_centres_the_crop():
     assert out.getpixel((32, 32)) == (255, 255, 255)
     same, crop = resize_crop(Image.new("RGB", (64, 64)), Bucket(64, 64))
     assert same.size == (64, 64) and crop == (0, 0)
+
+
+def test_buckets_below_one_step_say_why_not_zero_division():
+    """resolution < bucket_step was a ZeroDivisionError inside a shard job."""
+    from lorapipe.images import make_buckets
+
+    with pytest.raises(ValueError, match=r"resolution 32 is below bucket_step 64: no bucket fits"):
+        make_buckets(32, 64)

@@ -166,9 +166,9 @@ def test_changed_file_is_rescanned(tmp_path, monkeypatch):
     seen = []
     real = manifest.scan_image
 
-    def spy(root_, rel, settings):
+    def spy(root_, rel, settings, **kw):
         seen.append(rel)
-        return real(root_, rel, settings)
+        return real(root_, rel, settings, **kw)
 
     monkeypatch.setattr(manifest, "scan_image", spy)
     counts, recs = scan(root, tmp_path)
@@ -252,3 +252,201 @@ def test_merge_without_any_valid_image_raises_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"no valid image.*2 file\(s\).*rejected\.tsv"):
         merge_manifests([str(out)], tmp_path / "manifest.jsonl", tmp_path / "rejected.tsv")
     assert "a.jpg\tempty\t" in (tmp_path / "rejected.tsv").read_text()
+
+
+# --- what a file system can hold (issue 16) ---------------------------------------------------
+
+
+def test_shard_of_a_name_that_is_not_utf8_hashes_its_bytes():
+    """os.walk gives undecodable bytes as surrogate escapes; shard_of used to raise on them."""
+    rel = os.fsdecode(b"sub/caf\xe9.png")
+    want = int.from_bytes(hashlib.sha1(b"sub/caf\xe9.png").digest()[:8], "big") % 16
+    assert shard_of(rel, 16) == want
+    assert shard_of("sub/Ünïcode café.PNG", 16) == 8  # valid names keep their shard
+
+
+def _hazards(root: Path) -> dict[str, str]:
+    """Write one file of each kind a folder can hold that is not a usable image; returns
+    {listed name: expected reason code}. (Each kind is one generator case.)"""
+    root.mkdir(parents=True, exist_ok=True)
+    made = {}
+    os.symlink("nowhere.png", root / "dangling.png")
+    made["dangling.png"] = "broken_link"
+    os.symlink("loop_b.png", root / "loop_a.png")
+    os.symlink("loop_a.png", root / "loop_b.png")
+    made["loop_a.png"] = made["loop_b.png"] = "link_loop"
+    bad = os.path.join(os.fsencode(root), b"caf\xe9.png")
+    with open(bad, "wb") as fh:
+        fh.write(write_image(root / "tmp.png"))
+    os.unlink(root / "tmp.png")
+    made[os.fsdecode(b"caf\xe9.png")] = "bad_name"
+    os.mkfifo(root / "pipe.png")
+    made["pipe.png"] = "not_a_file"
+    (root / "empty.jpg").write_bytes(b"")
+    made["empty.jpg"] = "empty"
+    (root / "notes.jpg").write_text("not an image\n")
+    made["notes.jpg"] = "not_an_image"
+    with open(root / "huge.tif", "wb") as fh:  # sparse: no disk used, never read
+        fh.truncate(10**7 * 16 + 2**21)
+    made["huge.tif"] = "too_large"
+    write_image(root / "gone.png")
+    made["gone.png"] = "missing"  # listed, then deleted before the scan
+    return made
+
+
+def test_every_file_system_hazard_becomes_a_rejected_record(tmp_path):
+    """Links that point nowhere or in a circle, non-UTF-8 names, FIFOs, vanished and huge files:
+    the scan never raises (a FIFO would have blocked it), each gets a reason code, and the
+    merged rejected.tsv holds a printable row for each."""
+    root = tmp_path / "data"
+    expected = _hazards(root)
+    write_image(root / "good.png")
+    listed = list_images(root)
+    assert set(expected) | {"good.png"} == set(listed)
+    os.unlink(root / "gone.png")
+    out = tmp_path / "s.jsonl"
+    counts = scan_shard(root, listed, SETTINGS, out, tmp_path / "cache.jsonl")
+    assert counts == {"ok": 1, "rejected": len(expected), "cached": 0}
+    recs = {r["path"]: r for r in read_jsonl(out)}
+    got = {p: r["code"] for p, r in recs.items() if r["status"] == "rejected"}
+    shown = {manifest.display_name(p): c for p, c in expected.items()}
+    assert got == shown
+    assert recs["dangling.png"]["reason"] == "link points nowhere (to nowhere.png)"
+    merge_manifests([str(out)], tmp_path / "m.jsonl", tmp_path / "r.tsv")
+    rows = (tmp_path / "r.tsv").read_text(encoding="utf-8").splitlines()
+    assert "caf\\xe9.png\tbad_name\tfile name is not valid UTF-8: rename it" in "\n".join(rows)
+    assert len(rows) == 1 + len(expected)
+
+
+def test_unreadable_file_is_rejected_not_fatal(tmp_path, monkeypatch):
+    """Permission denied (simulated: the tests may run as root) is a rejected record."""
+    root = tmp_path / "data"
+    write_image(root / "locked.png")
+    real = Path.read_bytes
+
+    def denied(self):
+        if self.name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    counts, recs = scan(root, tmp_path)
+    assert counts["rejected"] == 1
+    assert (recs["locked.png"]["code"], recs["locked.png"]["reason"]) == (
+        "unreadable", "permission denied")
+
+
+def write_bmp(path: Path, colour) -> bytes:
+    """A 40x40 BMP: every colour gives the same file size (uncompressed)."""
+    return write_image(path, colour=colour, fmt="BMP")
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """New bytes, same size and mtime (what rsync -t, touch -r or a restore leave)."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_file_rewritten_in_place_is_found_while_planning_and_rescanned(tmp_path):
+    """Same size and mtime, other bytes: the old scan cache served the old sha256 forever (the
+    shard stage then failed every rerun). rescan_token changes, the rescan reads the new bytes,
+    and the token then stays put, so the next plan is a no-op."""
+    root = tmp_path / "data"
+    write_bmp(root / "a.bmp", (10, 10, 10))
+    write_bmp(root / "b.bmp", (20, 20, 20))
+    cache, out = tmp_path / "cache.jsonl", tmp_path / "s.jsonl"
+    rels = list_images(root)
+    scan_shard(root, rels, SETTINGS, out, cache)
+    assert manifest.rescan_token(root, rels, cache) == ""
+    new = write_bmp(tmp_path / "other.bmp", (200, 0, 0))
+    rewrite_in_place(root / "b.bmp", new)
+    token = manifest.rescan_token(root, rels, cache)
+    assert token.startswith("changed:")
+    counts = scan_shard(root, rels, SETTINGS, out, cache)  # the rebuilt manifest
+    assert counts == {"ok": 2, "rejected": 0, "cached": 1}
+    sha = {r["path"]: r["sha256"] for r in read_jsonl(out)}
+    assert sha["b.bmp"] == hashlib.sha256(new).hexdigest()
+    assert manifest.rescan_token(root, rels, cache) == token  # stable: nothing restales again
+    rewrite_in_place(root / "b.bmp", write_bmp(tmp_path / "x.bmp", (20, 20, 20)))
+    assert manifest.rescan_token(root, rels, cache) not in ("", token)  # changed back: again
+
+
+def test_same_bytes_put_back_restales_nothing_and_is_hashed_once(tmp_path, monkeypatch):
+    """A touch -r or a copy with times kept changes the ctime only: verified once, remembered."""
+    root = tmp_path / "data"
+    data = write_bmp(root / "a.bmp", (10, 10, 10))
+    cache = tmp_path / "cache.jsonl"
+    scan_shard(root, ["a.bmp"], SETTINGS, tmp_path / "s.jsonl", cache)
+    rewrite_in_place(root / "a.bmp", data)
+    assert manifest.rescan_token(root, ["a.bmp"], cache, record=False) == ""
+    assert manifest.rescan_token(root, ["a.bmp"], cache) == ""
+
+    def no_hash(*args):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(manifest, "sha256_file", no_hash)
+    assert manifest.rescan_token(root, ["a.bmp"], cache) == ""
+
+
+def test_all_rejected_keeps_the_reasons_where_the_failure_leaves_them(tmp_path):
+    """Snakemake deletes a failed job's outputs (rejected.tsv with them) but keeps its logs:
+    the copy in the log survives, the message names it and gives the first reasons inline."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"")
+    (root / "b.png").write_text("nope")
+    out = tmp_path / "s.jsonl"
+    scan_shard(root, list_images(root), SETTINGS, out)
+    copy = tmp_path / "logs" / "demo.rejected.tsv"
+    with pytest.raises(ValueError) as e:
+        merge_manifests([str(out)], tmp_path / "m.jsonl", tmp_path / "r.tsv", keep_copy=copy,
+                        dataset="demo")  # fmt: skip
+    msg = str(e.value)
+    assert "2 file(s) found, all rejected (1 empty, 1 not_an_image): a.jpg: empty; b.png: " in msg
+    assert f"Every reason is in {copy} (kept after this failure)" in msg
+    (tmp_path / "r.tsv").unlink()  # what Snakemake does to the failed job's outputs
+    assert "a.jpg\tempty\t" in copy.read_text()
+
+
+def test_no_image_at_all_names_the_dataset_setting(tmp_path):
+    out = tmp_path / "s.jsonl"
+    out.write_text("")
+    with pytest.raises(ValueError, match=r"no image file found \(check datasets\.demo\.path\)"):
+        merge_manifests([str(out)], tmp_path / "m.jsonl", tmp_path / "r.tsv", dataset="demo")
+
+
+def test_duplicates_are_grouped():
+    recs = [{"path": p, "sha256": s, "status": "ok"} for p, s in
+            (("b.png", "1"), ("a.png", "1"), ("c.png", "2"), ("d.png", "1"))]  # fmt: skip
+    recs.append({"path": "e.png", "sha256": "2", "status": "rejected"})
+    assert manifest.duplicates(recs) == [["a.png", "b.png", "d.png"]]
+
+
+def test_a_subfolder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypatch):
+    """os.walk skipped an unreadable folder without a word: its images silently went missing.
+    (Permission is simulated: the tests may run as root.)"""
+    root = tmp_path / "data"
+    write_image(root / "ok.png")
+    write_image(root / "private" / "a.png")
+    real_scandir, real_listdir = os.scandir, os.listdir
+    locked = str(root / "private")
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    def listdir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert list_images(root) == ["ok.png", "private"]
+    counts, recs = scan(root, tmp_path)
+    assert counts["rejected"] == 1
+    assert recs["private"]["code"] == "unreadable_folder"
+    assert "Permission denied" in recs["private"]["reason"]
