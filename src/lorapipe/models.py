@@ -90,7 +90,12 @@ def copy_configs(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out
 
 
-def load_parts(path: str | os.PathLike, parts=None, original_config: str | None = None) -> dict:
+def load_parts(
+    path: str | os.PathLike,
+    parts=None,
+    original_config: str | None = None,
+    vae: str | os.PathLike | None = None,
+) -> dict:
     """Load the named components of a base model, offline and memory-mapped.
 
     Args:
@@ -101,6 +106,8 @@ def load_parts(path: str | os.PathLike, parts=None, original_config: str | None 
             scheduler); None: all of them.
         original_config: for a single file (required then): a local diffusers folder whose
             configs, tokenizer and scheduler describe it; its weights, if any, are not read.
+        vae: a local VAE folder (`check_vae_folder`) loaded instead of the model's own VAE
+            (e.g. SDXL's fp16-fix VAE); the model's VAE is then neither read nor converted.
 
     Both go through diffusers' own loaders: ``from_pretrained`` per component for a folder,
     ``StableDiffusionPipeline.from_single_file(..., config=<folder>, local_files_only=True)`` for a
@@ -123,6 +130,9 @@ def load_parts(path: str | os.PathLike, parts=None, original_config: str | None 
     unknown = [x for x in parts if x not in family.parts]
     if unknown:
         raise ValueError(f"unknown model part(s) {unknown} (have: {', '.join(family.parts)})")
+    if vae is not None and "vae" in parts:
+        rest = load_parts(p, [x for x in parts if x != "vae"], original_config)
+        return {k: rest[k] if k != "vae" else load_vae(vae) for k in parts}
     if p.is_dir():
         return {part: _load_folder_part(family, p, part) for part in parts}
     out = {}
@@ -135,6 +145,26 @@ def load_parts(path: str | os.PathLike, parts=None, original_config: str | None 
     rest = [k for k in parts if k not in family.weight_parts]
     out.update({k: _load_folder_part(family, cfg, k) for k in rest})
     return {k: out[k] for k in parts}
+
+
+def check_vae_folder(vae: str | os.PathLike) -> Path:
+    """A ``vae:`` override: a local diffusers AutoencoderKL folder (``config.json`` and
+    weights, as ``madebyollin/sdxl-vae-fp16-fix``), or a model folder with a ``vae/`` part;
+    returns the folder holding ``config.json``, else raises naming what is missing."""
+    v = Path(vae)
+    if not v.is_dir():
+        raise FileNotFoundError(f"vae override not found: {v} (a local diffusers VAE folder)")
+    folder = v / "vae" if (v / "vae" / "config.json").is_file() else v
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"vae override {v}: no config.json (a diffusers VAE folder)")
+    return folder
+
+
+def load_vae(vae: str | os.PathLike):
+    """The AutoencoderKL of a ``vae:`` override folder (`check_vae_folder`), offline."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(check_vae_folder(vae)), local_files_only=True)
 
 
 def _load_folder_part(family: Family, folder: Path, part: str):
@@ -166,20 +196,32 @@ def _pipeline_kwargs(family) -> dict:
     return dict(getattr(family, "pipeline_kwargs", _SD_PIPELINE_KWARGS))
 
 
-def load_pipeline(path: str | os.PathLike, original_config: str | None = None):
-    """The family's sampling pipeline (sampler from the model's own config), folder or file."""
+def load_pipeline(
+    path: str | os.PathLike, original_config: str | None = None, vae: str | None = None
+):
+    """The family's sampling pipeline (sampler from the model's own config), folder or file;
+    with the ``vae`` override folder's VAE instead of the model's own when given."""
     p = check_model_path(path)
+    extra = {"vae": load_vae(vae)} if vae is not None else {}
     if p.is_file():
         cfg = check_config_folder(p, original_config)
-        return _single_file_pipeline(family_of(p, cfg), p, cfg)
+        family = family_of(p, cfg)
+        return family.pipeline_class().from_single_file(
+            str(p), config=str(cfg), local_files_only=True, **_pipeline_kwargs(family), **extra
+        )
     family = family_of(p)
     return family.pipeline_class().from_pretrained(
-        str(p), local_files_only=True, **_pipeline_kwargs(family)
+        str(p), local_files_only=True, **_pipeline_kwargs(family), **extra
     )
 
 
-def part_fingerprint(path: str | os.PathLike, part: str | None = None) -> str:
-    """sha256 over a model's (or one component's) files; see `fingerprint.tree_digest`."""
+def part_fingerprint(
+    path: str | os.PathLike, part: str | None = None, vae: str | os.PathLike | None = None
+) -> str:
+    """sha256 over a model's (or one component's) files; see `fingerprint.tree_digest`. The
+    ``vae`` part of a model with a ``vae:`` override is the override folder's digest."""
+    if part == "vae" and vae is not None:
+        return tree_digest(check_vae_folder(vae))
     return tree_digest(path, part)
 
 

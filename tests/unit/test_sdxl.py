@@ -209,3 +209,31 @@ def test_missing_second_encoder_is_named_before_any_job(tiny_sdxl, sdxl_single, 
     shutil.rmtree(bad / "tokenizer_2")
     with pytest.raises(FileNotFoundError, match=r"lacks \['tokenizer_2'\]"):
         check_config_folder(f, bad)
+
+
+def test_vae_override_replaces_the_models_vae(tiny_sdxl, sdxl_single, tmp_path):
+    """A ``vae:`` folder (as the SDXL fp16-fix VAE is shipped) is loaded instead of the model's
+    own VAE, by folder and single file, for encoding and sampling, and has its own digest."""
+    import torch
+
+    from lorapipe.models import check_vae_folder, load_pipeline, part_fingerprint
+    from lorapipe.tiny import _tiny_vae
+
+    vae_dir = tmp_path / "sdxl-vae-fix"
+    _tiny_vae(seed=99).save_pretrained(vae_dir, safe_serialization=True)
+    want = _tiny_vae(seed=99).state_dict()
+    f, cfg = sdxl_single
+    for parts in (load_parts(tiny_sdxl, ("vae", "text_encoder"), vae=vae_dir),
+                  load_parts(f, ("vae", "unet"), str(cfg), vae=vae_dir)):  # fmt: skip
+        got = parts["vae"].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    own = load_parts(tiny_sdxl, ("vae",))["vae"].state_dict()
+    assert not all(torch.equal(own[k], want[k]) for k in want)
+    pipe_vae = load_pipeline(tiny_sdxl, vae=str(vae_dir)).vae.state_dict()
+    assert all(torch.equal(pipe_vae[k], want[k]) for k in want)
+    assert part_fingerprint(tiny_sdxl, "vae", vae_dir) != part_fingerprint(tiny_sdxl, "vae")
+    assert check_vae_folder(tiny_sdxl) == tiny_sdxl / "vae"  # a model folder: its vae/ part
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        check_vae_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="vae override not found"):
+        check_vae_folder(tmp_path / "nowhere")
