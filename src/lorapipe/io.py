@@ -85,6 +85,35 @@ def _disk_full_error(e: OSError, paths: list[Path]) -> OSError:
     )
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and put back (not thread-safe, as umask is not)
+    os.umask(mask)
+    return mask
+
+
+def set_new_file_modes(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes a new file (0666) or folder (0777) gets
+    under the umask: for a tree another library wrote with its own modes (safetensors 0.8's
+    ``save_file``, behind ``save_pretrained``, makes every weights file 0600). Links are left
+    alone."""
+    mask = current_umask()
+    root = Path(root)
+    if root.is_symlink():
+        return
+    os.chmod(root, (0o777 if root.is_dir() else 0o666) & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(folder) / name
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if name in dirs else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
     """Yield temporary paths beside ``paths``; on success each is renamed to its final name.

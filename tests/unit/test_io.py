@@ -221,6 +221,29 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, umask):
     assert leftovers(tmp_path) == []
 
 
+def test_set_new_file_modes_fixes_what_a_library_wrote(tmp_path, umask):
+    """safetensors 0.8's save_file (behind every ``save_pretrained``) writes 0600 whatever the
+    umask; `set_new_file_modes` gives such a tree the modes open() / mkdir() would have."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lorapipe.io import current_umask, set_new_file_modes
+
+    assert current_umask() == umask
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True, mode=0o700)
+    save_file({"w": torch.zeros(2)}, model / "unet" / "w.safetensors")
+    assert mode(model / "unet" / "w.safetensors") == 0o600  # the library's mode
+    outside = tmp_path / "outside"
+    outside.write_text("x")
+    outside.chmod(0o600)
+    (model / "link").symlink_to(outside)
+    set_new_file_modes(model)
+    assert mode(model / "unet" / "w.safetensors") == 0o666 & ~umask
+    assert mode(model / "unet") == mode(model) == 0o777 & ~umask
+    assert mode(outside) == 0o600  # a link's target is not touched
+
+
 # --- checksums and the consumers' checks ---------------------------------------------------
 
 
