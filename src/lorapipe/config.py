@@ -316,6 +316,46 @@ def _normalise(config: dict) -> None:
                     entry[k] = os.path.expanduser(entry[k])
 
 
+# SDXL's bucket area (about 1024² pixels, as SDXL was trained and kohya's SDXL recipes bucket;
+# kohya's 64-pixel steps are bucket_step's default already)
+SDXL_RESOLUTION = 1024
+
+
+def _family_of_block(bm: Any) -> str | None:
+    """The family name of a base_models block (a tiny model's ``tiny.family``, else what the
+    model on disk is); None when it cannot be told here."""
+    if not isinstance(bm, dict):
+        return None
+    if isinstance(bm.get("tiny"), dict):
+        return str(bm["tiny"].get("family", "sd"))
+    if not isinstance(bm.get("path"), str):
+        return None
+    from .families import family_of  # stdlib-only
+
+    try:
+        return family_of(bm["path"], bm.get("original_config")).name
+    except (ValueError, TypeError, OSError):
+        return None
+
+
+def _family_defaults(config: dict) -> None:
+    """Defaults that depend on the model family (in place, before the schema's): a dataset that
+    does not set ``resolution`` and whose every run trains an SDXL model gets SDXL's 1024."""
+    datasets, models, runs = (config.get(k) for k in ("datasets", "base_models", "runs"))
+    if not all(isinstance(x, dict) for x in (datasets, models, runs)):
+        return
+    defaults = config.get("defaults") if isinstance(config.get("defaults"), dict) else {}
+    families: dict[Any, set] = {}
+    for run in runs.values():
+        if isinstance(run, dict):
+            ds, bm = (run.get(k, defaults.get(k)) for k in ("dataset", "base_model"))
+            if isinstance(ds, str) and isinstance(bm, str):
+                families.setdefault(ds, set()).add(_family_of_block(models.get(bm)))
+    for name, ds in datasets.items():
+        if isinstance(ds, dict) and "resolution" not in ds and families.get(name) == {"sdxl"}:
+            ds["resolution"] = SDXL_RESOLUTION
+
+
 def validate(config: dict) -> dict:
     """Validate ``config`` in place against the schema, filling defaults.
 
@@ -331,6 +371,7 @@ def validate(config: dict) -> dict:
     if problems:
         _raise(problems)
     _normalise(config)
+    _family_defaults(config)
     cls = _validator_with_defaults(config)
     errors = sorted(
         cls(_schema()).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]
@@ -635,6 +676,19 @@ def _model_problem(name: str, bm: Mapping, root: Path) -> str | None:
     return None
 
 
+def _vae_problem(name: str, bm: Mapping, root: Path) -> str | None:
+    """A ``vae:`` override must be a local diffusers VAE folder (`models.check_vae_folder`)."""
+    if not bm.get("vae"):
+        return None
+    from .models import check_vae_folder  # stdlib-only at import time
+
+    try:
+        check_vae_folder(root / bm["vae"])
+    except FileNotFoundError as e:
+        return f"base_models.{name}.vae: {e}"
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _safetensors_modules(path: str, _size: int, _mtime_ns: int) -> frozenset[str] | None:
     """Module names of a safetensors file's tensors (``a.b.weight`` → ``a.b``), from its header
@@ -703,9 +757,7 @@ def check_paths(config: Mapping[str, Any], workdir: str | os.PathLike = ".") -> 
             p for p in (_dataset_path_problem(name, ds, root), _blip_problem(name, ds, root)) if p
         ]
     for name, bm in config["base_models"].items():
-        problem = _model_problem(name, bm, root)
-        if problem:
-            problems.append(problem)
+        problems += [x for x in (_model_problem(name, bm, root), _vae_problem(name, bm, root)) if x]
     _raise(problems or _target_problems(config, root))
 
 

@@ -237,3 +237,31 @@ def test_vae_override_replaces_the_models_vae(tiny_sdxl, sdxl_single, tmp_path):
         check_vae_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match="vae override not found"):
         check_vae_folder(tmp_path / "nowhere")
+
+
+def test_sdxl_datasets_default_to_sdxl_buckets(tiny_sdxl, tiny_model):
+    """A dataset without ``resolution`` trained only by SDXL models gets SDXL's 1024² buckets
+    in 64-pixel steps (kohya's SDXL buckets); one also trained by SD-1.x, or one that sets its
+    resolution, keeps its own."""
+    from lorapipe.config import validate
+    from lorapipe.images import Bucket, make_buckets
+
+    def resolutions(cfg):
+        validate(cfg)
+        return {k: v["resolution"] for k, v in cfg["datasets"].items()}
+
+    cfg = {
+        "datasets": {"xl": {"path": "a"}, "mixed": {"path": "b"}, "set": {"path": "c",
+                                                                          "resolution": 768}},
+        "base_models": {"built": {"path": "m", "tiny": {"family": "sdxl"}},
+                        "disk": {"path": str(tiny_sdxl)}, "sd": {"path": str(tiny_model)}},
+        "defaults": {"base_model": "disk"},
+        "runs": {"a": {"dataset": "xl", "base_model": "built"}, "b": {"dataset": "xl"},
+                 "c": {"dataset": "mixed"}, "d": {"dataset": "mixed", "base_model": "sd"},
+                 "e": {"dataset": "set"}},
+    }  # fmt: skip
+    assert resolutions(cfg) == {"xl": 1024, "mixed": 512, "set": 768}
+    buckets = make_buckets(1024, cfg["datasets"]["xl"]["bucket_step"])
+    # SDXL's own training buckets are among them
+    for w, h in ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (1344, 768), (768, 1344)):
+        assert Bucket(w, h) in buckets
