@@ -155,11 +155,14 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     Returns:
         The folder written.
     """
+    from .io import set_new_file_modes
+
     out = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
     try:
         staging = tmp / "model"
         _tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
+        set_new_file_modes(staging)  # safetensors writes 0600 files: give them open()'s modes
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .io import set_new_file_modes
 from .tiny import (
     LDM_UNET_PREFIX,
     LDM_VAE_PREFIX,
@@ -127,6 +128,7 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     try:
         staging = tmp / "model"
         _tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
+        set_new_file_modes(staging)  # safetensors writes 0600 files: give them open()'s modes
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
