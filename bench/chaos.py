@@ -214,11 +214,19 @@ def snakemake(code: Path, work: Path, *args: str) -> subprocess.CompletedProcess
     )
 
 
+# Metadata of an exported LoRA that a retrained run legitimately writes anew: the MLflow run id,
+# the training session's times (kohya's and ModelSpec's) and sd-scripts' legacy hash, which
+# covers a slice of the file's bytes, header included.
+VOLATILE_METADATA = ("lorapipe_mlflow_run_id", "ss_training_started_at",
+                     "ss_training_finished_at", "modelspec.date", "sshs_legacy_hash")  # fmt: skip
+
+
 def _without_run_id(data: bytes) -> bytes:
-    """A safetensors file without its lorapipe_mlflow_run_id metadata (tensors untouched)."""
+    """A safetensors file without its `VOLATILE_METADATA` (tensors untouched)."""
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    header.get("__metadata__", {}).pop("lorapipe_mlflow_run_id", None)
+    for key in VOLATILE_METADATA:
+        header.get("__metadata__", {}).pop(key, None)
     return json.dumps(header, sort_keys=True).encode() + data[8 + n :]
 
 

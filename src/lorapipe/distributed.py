@@ -236,3 +236,11 @@ def all_reduce_floats(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     td.all_reduce(t, op=td.ReduceOp.SUM)
     return t.tolist()
+
+
+def all_reduce_tensor(t):
+    """``t`` summed over all ranks (in place, and returned); no host sync of its own."""
+    import torch.distributed as td
+
+    td.all_reduce(t, op=td.ReduceOp.SUM)
+    return t

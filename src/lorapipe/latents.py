@@ -1,26 +1,26 @@
-"""Precompute, per shard, the VAE latent distribution and the text-encoder output of each caption.
+"""Precompute, per shard, the VAE latent distribution of each image and the text-encoder outputs
+of each distinct caption.
 
 Layout of a latent shard (a WebDataset tar, members in this order):
 
-* ``__empty__.empty.safetensors``: ``text`` (L, D), the text-encoder output of the empty prompt
-  (tokenised as training does: padded to the tokenizer's max length), once per shard. Training
-  uses it for caption dropout instead of loading the text encoder.
+* ``__empty__.empty.safetensors``: the family's text-encoder outputs of the empty prompt (SD:
+  ``text`` (L, D)), once per shard. Training uses it for caption dropout instead of loading the
+  text encoder.
+* ``__text__<digest>.text.safetensors``, one per distinct caption or caption variant of the
+  shard (`latent_cache.text_ref`: a digest of the prompt), sorted: its outputs (``text``, and what
+  else the family encodes). Template captions shared by many images are stored once.
 * per sample, sorted by key, ``<key>.latents.safetensors`` holding ``mean`` and ``logvar``
   (C, H, W) (so training draws a fresh latent sample every step instead of re-using one frozen
-  sample), ``text`` (L, D) (the caption as written) and, when the dataset asks for caption variants,
-  ``text_variants`` (V, L, D): variant ``k`` is the encoding of
-  ``captions.caption_variant(caption, key, k, settings)`` (tags shuffled/dropped, reproducibly);
-  next to ``<key>.json`` with the sample's metadata (plus ``caption_variants``, the V texts).
+  sample), next to ``<key>.json`` with the sample's metadata, including ``text_ref`` (its caption
+  as written) and, when the dataset asks for caption variants, ``caption_variants`` (the V texts,
+  variant ``k`` being ``captions.caption_variant(caption, key, k, settings)``) and
+  ``text_variant_refs``.
 
 Tensors are stored in the cache's dtype (``float32`` or ``bfloat16``; part of the cache folder
-name). In the workflow each latent tar has a checksum sidecar ``<shard>.tar.sha256``; training
-verifies it and decodes every sample before the first step, so a damaged shard is refused, never
-trained on.
+name). In the workflow each latent tar has a checksum sidecar ``<shard>.tar.sha256``.
 
-Reading: ``load_latent_cache(paths) -> (samples, empty_text or None)``;
-``load_latent_shards(paths)`` returns the samples only. A training step that wants a variant
-picks ``text_variants[k]`` with ``k`` drawn from the sample's own generator (``text`` when the
-sample has no ``text_variants``), and ``empty_text`` for caption dropout.
+Reading is `latent_cache`'s (re-exported here): a sample resolves its references, so training
+sees ``text`` and ``text_variants`` (V, L, D) per sample as if they were stored with it.
 """
 
 from __future__ import annotations
@@ -32,21 +32,23 @@ from collections import defaultdict
 
 from .captions import VariantSettings, caption_variant
 from .io import (
-    CorruptFileError,
     atomic_paths,
     canonical_safetensors,
     checksum_line,
     checksum_path,
-    discard,
     remove_stale_temps,
     sha256_file,
     verify_file,
 )
+from .latent_cache import (  # noqa: F401  (readers, re-exported for callers of this module)
+    EMPTY_KEY,
+    load_latent_cache,
+    load_latent_shards,
+    text_ref,
+)
 
 log = logging.getLogger(__name__)
 
-
-EMPTY_KEY = "__empty__"
 DTYPES = ("float32", "bfloat16")
 
 
@@ -87,12 +89,12 @@ def encode_shard(
     encoded: dict[str, tuple[dict, bytes]] = {}
     with torch.inference_mode():
         # the empty prompt (caption dropout), encoded alone as training would encode it
-        empty_blob = enc.blob({"text": enc.text([""])[0]})
+        empty_blob = enc.blob({k: v[0] for k, v in enc.text([""]).items()})
         for size in sorted(by_size):
             group = by_size[size]
             for i in range(0, len(group), batch_size):
                 encoded.update(enc.chunk(group[i : i + batch_size], batch_size, variants))
-    _write_latent_tar(outs, encoded, empty_blob, checksum)
+    _write_latent_tar(outs, encoded, enc.texts, empty_blob, checksum)
     log.info("encoded %d samples (%d caption variants each, %s) from %s on %s",
              len(encoded), variants.caption_variants, dtype, shard_tar, device)
     return len(encoded)
@@ -112,6 +114,7 @@ class _Encoders:
             m.to(device).eval()
         self.vae = self.parts["vae"].to(device).eval()
         self.device, self.store_dtype = device, store_dtype
+        self.texts: dict[str, bytes] = {}  # text_ref -> outputs of one distinct caption
         # which VAE and text encoder(s) made a sample (single file: the whole file's digest)
         self.meta = {"vae": models.part_fingerprint(model_path, "vae")[:16], "dtype": dtype}
         for part in self.family.text_parts:
@@ -136,30 +139,39 @@ class _Encoders:
         pixels = np.stack([np.asarray(img, dtype=np.float32) for _, img, _ in chunk])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device) / 127.5 - 1.0
         dist = self.vae.encode(x).latent_dist
-        text = self.text([m["caption"] for _, _, m in chunk])
+        captions = [m["caption"] for _, _, m in chunk]
+        self._keep_texts(captions, self.text(captions))
         var_texts = [
             [caption_variant(m["caption"], key, k, variants) for k in range(n_var)]
             for key, _, m in chunk
         ]
         if n_var:
             flat = [t for texts in var_texts for t in texts]
-            var = torch.cat([self.text(flat[b : b + batch_size * n_var])
-                             for b in range(0, len(flat), batch_size * n_var)])  # fmt: skip
-            var = var.reshape(len(chunk), n_var, *var.shape[1:])
+            for b in range(0, len(flat), batch_size * n_var):
+                part = flat[b : b + batch_size * n_var]
+                self._keep_texts(part, self.text(part))
         out = {}
         for j, (key, _, meta) in enumerate(chunk):
-            tensors = {"mean": dist.mean[j], "logvar": dist.logvar[j], "text": text[j]}
-            meta = {**meta, **self.meta}
+            tensors = {"mean": dist.mean[j], "logvar": dist.logvar[j]}
+            meta = {**meta, **self.meta, "text_ref": text_ref(meta["caption"])}
             if n_var:
-                tensors["text_variants"] = var[j]
                 meta["caption_variants"] = var_texts[j]
+                meta["text_variant_refs"] = [text_ref(t) for t in var_texts[j]]
             out[key] = (meta, self.blob(tensors))
         return out
 
+    def _keep_texts(self, prompts: list[str], outputs: dict) -> None:
+        """Store each distinct prompt's outputs once (the first encoding of it is kept)."""
+        for j, prompt in enumerate(prompts):
+            ref = text_ref(prompt)
+            if ref not in self.texts:
+                self.texts[ref] = self.blob({k: v[j] for k, v in outputs.items()})
 
-def _write_latent_tar(outs: list, encoded: dict, empty_blob: bytes, checksum: bool) -> None:
-    """The latent tar (empty prompt first, then samples by key) and, with ``checksum``, its
-    sidecar: both committed atomically, the tar first."""
+
+def _write_latent_tar(outs: list, encoded: dict, texts: dict, empty_blob: bytes,
+                      checksum: bool) -> None:  # fmt: skip
+    """The latent tar (empty prompt first, then each distinct caption's outputs by reference,
+    then samples by key) and, with ``checksum``, its sidecar: both committed atomically."""
     import webdataset as wds
 
     with atomic_paths(*outs) as tmps:
@@ -168,6 +180,8 @@ def _write_latent_tar(outs: list, encoded: dict, empty_blob: bytes, checksum: bo
             wds.TarWriter(fh, mtime=0.0, user="lorapipe", group="lorapipe") as writer,
         ):
             writer.write({"__key__": EMPTY_KEY, "empty.safetensors": empty_blob})
+            for ref in sorted(texts):
+                writer.write({"__key__": ref, "text.safetensors": texts[ref]})
             for key in sorted(encoded):
                 meta, blob = encoded[key]
                 writer.write({"__key__": key, "latents.safetensors": blob,
@@ -175,104 +189,3 @@ def _write_latent_tar(outs: list, encoded: dict, empty_blob: bytes, checksum: bo
         if checksum:
             with open(tmps[1], "wb") as fh:
                 fh.write(checksum_line(outs[0], sha256_file(tmps[0])).encode())
-
-
-REQUIRED_TENSORS = ("mean", "logvar")
-
-
-def load_latent_shards(paths: list[str]) -> list[dict]:
-    """The samples of :func:`load_latent_cache` (kept for callers that need no empty prompt)."""
-    return load_latent_cache(paths)[0]
-
-
-def load_latent_cache(paths: list[str]):
-    """Read latent shards fully into memory (the common LoRA case).
-
-    Each shard is checked against its checksum sidecar (when it has one) and every sample is
-    decoded and checked (tensors present, shapes consistent, finite values) before anything is
-    returned, so a damaged shard stops training before its first step.
-
-    Returns:
-        ``(samples, empty_text)``: one dict per sample, sorted by key (key, mean, logvar, text,
-        text_variants when the cache has variants (tensors), meta (dict)); and the empty prompt's
-        text-encoder output (L, D), or None for shards written before it was stored.
-
-    Raises:
-        CorruptFileError: naming the shard (and sample). A shard that does not match its checksum,
-            or has none, is deleted so that a rerun rebuilds it; one that matches its checksum
-            but does not decode was written that way and is kept for inspection. Shards whose
-            empty prompts differ (made by different text encoders) are refused too.
-    """
-    import torch
-
-    out = []
-    empty = None
-    for p in paths:
-        verified = verify_file(p)
-        try:
-            samples, shard_empty = _decode_latent_shard(p)
-        except Exception as e:  # any decode failure means: refuse this shard
-            if not verified:
-                discard(p)
-            raise CorruptFileError(
-                f"{p}: cannot be decoded ({e}); "
-                + ("it matches its checksum, so encode wrote it so: rebuild it by hand"
-                   if verified else "deleted it: rerun snakemake to rebuild it")
-            ) from e
-        if shard_empty is not None:
-            if empty is None:
-                empty = shard_empty
-            elif empty.shape != shard_empty.shape or not torch.equal(empty, shard_empty):
-                raise CorruptFileError(
-                    f"{p}: its empty-prompt encoding differs from {paths[0]}'s "
-                    "(latent shards of different text encoders or dtypes)"
-                )
-        out += samples
-    return sorted(out, key=lambda s: s["key"]), empty
-
-
-def _decode_latent_shard(path) -> tuple[list[dict], object]:
-    import torch
-    import webdataset as wds
-    from safetensors.torch import load
-
-    out = []
-    empty = None
-    key = None
-    # nodesplitter=None: every rank of a data-parallel run reads every shard in full (the ranks
-    # split batches, not shards); webdataset's default refuses to read under RANK/WORLD_SIZE
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None)
-    try:
-        for s in ds:
-            key = s["__key__"]
-            if key == EMPTY_KEY:
-                empty = load(s["empty.safetensors"])["text"]
-                if empty.dim() != 2 or not torch.isfinite(empty).all():
-                    raise ValueError(f"bad empty-prompt tensor {tuple(empty.shape)}")
-                key = None
-                continue
-            t = load(s["latents.safetensors"])
-            missing = [k for k in REQUIRED_TENSORS if k not in t]
-            if missing:
-                raise ValueError(f"no {', '.join(missing)} tensor")
-            if (
-                t["mean"].shape != t["logvar"].shape
-                or t["mean"].dim() != 3
-                or ("text" in t and t["text"].dim() != 2)
-                or ("text_variants" in t and (
-                    t["text_variants"].dim() != 3
-                    or ("text" in t and t["text_variants"].shape[1:] != t["text"].shape)))
-            ):
-                shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(t.items()))
-                raise ValueError(f"unexpected shapes: {shapes}")
-            for k, v in sorted(t.items()):
-                if v.is_floating_point() and not torch.isfinite(v).all():
-                    raise ValueError(f"non-finite values in {k}")
-            meta = json.loads(s["json"])
-            out.append({"key": key, **t, "meta": meta})
-            key = None
-    except Exception as e:
-        if key is not None:
-            raise ValueError(f"sample {key}: {e}") from e
-        raise
-    return out, empty

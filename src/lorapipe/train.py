@@ -26,10 +26,11 @@ from pathlib import Path
 from . import distributed
 from .config import RunConfig
 from .io import atomic_write_text
-from .training import checkpoints
+from .training import checkpoints, validation
 from .training.batches import (  # noqa: F401  (the stage's vocabulary, re-exported)
     BatchRecipe,
     Plan,
+    device_batch,
     diffusion_loss,
     dropout_seed,
     epoch_batches,
@@ -38,6 +39,7 @@ from .training.batches import (  # noqa: F401  (the stage's vocabulary, re-expor
     step_micro_batches,
 )
 from .training.compiling import compiled_graphs, guarded_first_step, warm_up
+from .training.feed import Feed
 from .training.prepare import (
     Device,
     Model,
@@ -47,6 +49,7 @@ from .training.prepare import (
     make_schedule,
     prediction_type,
     resolve_compile,
+    resolve_prefetch,
     training_device,
 )
 from .training.report import log_progress, log_summary, plot_loss, step_record, summary
@@ -67,6 +70,7 @@ class Job:
     fingerprint: str
     stop_after: int | None = None  # stop (writing no outputs) after this step: resume tests
     original_config: str | None = None  # a single-file base model's local diffusers folder
+    validation: dict | None = None  # holdout.Holdout.to_dict() + "shards" (training.validation)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "run": self.run.to_dict()}
@@ -102,7 +106,10 @@ class State:
     compile: dict = field(default_factory=dict)  # warm-up timings and graph counts
     step_times: list[float] = field(default_factory=list)
     loop_start_step: int = 0
-    bad: list[str] = field(default_factory=list)  # this rank's non-finite samples, this step
+    started_at: float = 0.0  # unix time this training session started
+    cache: object = None  # the `latent_cache.LatentCache` the samples come from
+    feed: Feed | None = None  # host batches made ahead (None: made in the loop)
+    val: validation.Validation | None = None  # the held-out images (None: no validation)
 
     def file_meta(self) -> dict[str, str]:
         """Metadata of every exported file: the run's trace, and the MLflow run id if any."""
@@ -124,10 +131,12 @@ def train(
     tracker=None,
     export_meta: dict[str, str] | None = None,
     original_config: str | None = None,
+    validation: dict | None = None,
 ) -> dict:
     """Train one LoRA; resume from ``ckpt_dir`` when it holds a checkpoint of this fingerprint.
 
-    Writes ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys, alpha in metadata),
+    Writes ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys; alpha/rank baked into
+    the up weights, see `export.save_diffusers_lora`),
     ``metrics.jsonl``, ``loss.png`` and ``train_summary.json`` into ``out_dir``.
 
     Args:
@@ -140,12 +149,14 @@ def train(
         export_meta: string metadata for every exported file (`runs.file_metadata`): the kohya
             files of checkpoints get all of it, diffusers files the ``lorapipe_*`` fields.
         original_config: for a single-file base model, the local diffusers folder describing it.
+        validation: the held-out images (`training.validation`): `holdout.Holdout.to_dict`,
+            plus ``shards`` (a validation dataset's latent shards); None: no validation loss.
 
     Returns:
         Summary: steps, epochs, final loss, timings, samples, MLflow run id.
     """
     job = Job(run, [str(x) for x in latent_shards], str(model_path), str(out_dir), str(ckpt_dir),
-              fingerprint, stop_after, original_config)  # fmt: skip
+              fingerprint, stop_after, original_config, validation)  # fmt: skip
     return run_job(job, tracker, export_meta)
 
 
@@ -175,24 +186,34 @@ def run_job(job: Job, tracker=None, export_meta: dict[str, str] | None = None) -
 
 def _train(job: Job, tracker, export_meta: dict, dist: distributed.Dist) -> dict:
     """Set up, warm up the compiled UNet, loop over the steps, write the outputs."""
-    t_start = time.perf_counter()
+    t_start, started_at = time.perf_counter(), time.time()
     st = _prepare(job, tracker, export_meta, dist)
+    st.started_at = started_at
     _log_start(st)
     warm_up(st)
     st.loop_start_step = st.step
-    t_loop = time.perf_counter()
-    while st.step < st.plan.total_steps:
-        epoch, micro = step_micro_batches(st.samples, job.run, dist.world, st.plan, st.step)
-        m = _optimizer_step(st, epoch, micro)
-        st.metrics.append(m)
-        if st.tracker is not None:
-            st.tracker.log(m)
-        done = st.step - st.loop_start_step
-        log_progress(st, m, (time.perf_counter() - t_loop) / done * (st.plan.total_steps - st.step))
-        if st.step % st.plan.save_steps == 0 and st.step < st.plan.total_steps and dist.main:
-            _save_checkpoint(st)
-        if job.stop_after is not None and st.step >= job.stop_after:
-            return {"stopped_at": st.step}
+    st.feed = Feed(st, st.step, pin=st.device.kind == "cuda",
+                   enabled=resolve_prefetch(job.run.prefetch, st.device.kind, st.cache))
+    t_loop, pending = time.perf_counter(), None
+    try:
+        while st.step < st.plan.total_steps:
+            epoch, micro = step_micro_batches(st.samples, job.run, dist.world, st.plan, st.step)
+            taken = _optimizer_step(st, epoch, micro)
+            validation.after_step(st, taken.record)  # val_loss into the step's record
+            if pending is not None:  # the last step's loss, read while this one runs
+                _record(st, pending, t_loop)
+            pending = taken
+            saving = st.step % st.plan.save_steps == 0 and st.step < st.plan.total_steps
+            stopping = job.stop_after is not None and st.step >= job.stop_after
+            if saving or stopping or st.step == st.plan.total_steps:
+                pending = _record(st, pending, t_loop)
+            if saving and dist.main:
+                _save_checkpoint(st)
+            if stopping:
+                return {"stopped_at": st.step}
+    finally:
+        st.feed.close()
+        st.cache.close()
     if not dist.main:  # rank 0 writes every file
         return {"steps": st.step, "rank": dist.rank}
     return _write_outputs(st, t_start)
@@ -205,11 +226,14 @@ def _prepare(job: Job, tracker, export_meta: dict, dist: distributed.Dist) -> St
     from . import models
     from .export import tag_counts
     from .families import family_of
-    from .latents import load_latent_cache
+    from .latent_cache import LatentCache
 
     run = job.run
     device = training_device(run, dist.local_rank)
-    samples, cached_empty = load_latent_cache(job.latent_shards)
+    cache = LatentCache(job.latent_shards, run.latent_cache_ram_mb)
+    samples, cached_empty = cache.samples, cache.empty
+    samples, val = validation.prepare(job, samples)  # the held-out images never train
+    (log.info if dist.main else log.debug)("%s", cache.describe())
     if not samples:
         n = len(job.latent_shards)
         raise ValueError(f"run {run.name}: no training samples in {n} shard(s)")
@@ -221,22 +245,24 @@ def _prepare(job: Job, tracker, export_meta: dict, dist: distributed.Dist) -> St
     need_text = cached_empty is None or bool(run.train_text_encoder)
     parts = models.load_parts(job.model_path, family.training_parts(need_text), job.original_config)
     if cached_empty is not None:
-        empty_text = cached_empty.float()
+        empty = {k: v.float() for k, v in cached_empty.items()}
     else:
         with torch.inference_mode():  # as the latent stage encodes it
-            empty_text = family.encode_prompts(parts, [""])[0].clone()
+            empty = {k: v[0].clone() for k, v in family.encode_prompts(parts, [""]).items()}
     prediction = prediction_type(run, parts["scheduler"])
     model = build_model(run, family, parts, device)
     del parts
     opt = make_optimizer(run, model.param_groups)
     recipe = BatchRecipe(run.seed, model.scheduler, prediction, model.scaling, run.noise_offset,
-                         run.caption_dropout, empty_text, model.trains_text)  # fmt: skip
+                         run.caption_dropout, empty, model.trains_text)  # fmt: skip
     st = State(
         job, dist, device, family, samples, plan, model, recipe, opt,
         make_schedule(run, opt, plan.total_steps),
         torch.amp.GradScaler(device.kind, enabled=device.precision == "fp16"),
         checkpoints.Layout(job.ckpt_dir, job.fingerprint, dist.world), tracker, export_meta,
+        cache=cache,
     )  # fmt: skip
+    st.val = val
     last = st.layout.latest()
     if last is not None:
         st.step, st.metrics = checkpoints.restore(
@@ -271,64 +297,72 @@ def _log_start(st: State) -> None:
                  ", ".join(st.family.text_lora_targets), st.opt.param_groups[1]["lr"])  # fmt: skip
 
 
-def _micro_step(st: State, batch: list[int], epoch: int, n_images: int) -> tuple[float, float]:
-    """Data, forward, loss and backward of one micro-batch: (loss, seconds preparing data)."""
-    import torch
-
+def _micro_step(st: State, batch: list[int], epoch: int, n_images: int):
+    """Data, forward, loss and backward of one micro-batch: (loss on the device, seconds
+    waiting for data). Nothing here waits for the device (the loss is read a step later)."""
     td = time.perf_counter()
-    b = make_batch(st.samples, batch, epoch, st.recipe, st.device.torch_device)
+    dev = st.device.torch_device
+    hb = st.feed.take(st.step, batch, epoch)
+    b = device_batch(hb, st.recipe, dev, non_blocking=st.device.kind == "cuda")
     data_s = time.perf_counter() - td
     with st.device.autocast():
         cond = b.cond
         if b.prompts is not None:  # with grad, through the text encoder's LoRA
-            cond = st.family.encode_prompts(st.model.text_parts, b.prompts, st.device.torch_device)
-        pred = st.forward(b.noisy, b.timesteps, cond, return_dict=False)[0]
+            cond = st.family.encode_prompts(st.model.text_parts, b.prompts, dev)
+        added = st.family.added_cond(cond, b.metas, dev)
+        kwargs = {"added_cond_kwargs": added} if added is not None else {}
+        pred = st.forward(b.noisy, b.timesteps, cond["text"], return_dict=False, **kwargs)[0]
     loss = diffusion_loss(pred, b, st.recipe, st.job.run.min_snr_gamma).mean()
     loss = loss * len(batch) / n_images
-    if not torch.isfinite(loss) and not st.scaler.is_enabled():
-        st.bad.extend(st.samples[i]["meta"]["path"] for i in batch)
-        if st.dist.world == 1:
-            _raise_nonfinite(st, st.bad)
-        return float("nan"), data_s  # all ranks raise together, after the all-reduce
     st.scaler.scale(loss).backward()
-    return float(loss.detach()), data_s
+    return loss.detach(), data_s
 
 
 def _forward_backward(st: State, micro: list[list[int]], epoch: int, n_images: int):
-    """This rank's share of one optimizer step: its slice of each global micro-batch."""
-    loss_sum, data_s = 0.0, 0.0
-    st.bad.clear()
+    """This rank's share of one optimizer step, its slice of each global micro-batch:
+    (loss sum on the device, data seconds, [(micro-batch loss, its samples' paths)])."""
+    losses, data_s = [], 0.0
     for global_batch in micro:
         batch = global_batch[st.dist.rank :: st.dist.world]
         if not batch:  # a last batch smaller than the number of processes
             continue
         loss, ds = _micro_step(st, batch, epoch, n_images)
-        loss_sum += loss
+        losses.append((loss, [st.samples[i]["meta"]["path"] for i in batch]))
         data_s += ds
-    return loss_sum, data_s
+    return losses, data_s
 
 
-def _optimizer_step(st: State, epoch: int, micro: list[list[int]]) -> dict:
-    """One optimizer step over ``micro`` (global micro-batches); its metrics record."""
+@dataclass
+class Taken:
+    """An optimizer step taken whose loss has not been read back from the device yet."""
+
+    record: dict  # its metrics.jsonl line, "loss" still missing
+    total: object  # loss summed over micro-batches (and ranks), on the device
+    bad: object  # non-finite micro-batch losses over all ranks (a device count), or None
+    losses: list  # this rank's [(micro-batch loss, sample paths)]
+
+
+def _optimizer_step(st: State, epoch: int, micro: list[list[int]]) -> Taken:
+    """One optimizer step over ``micro`` (global micro-batches); its loss stays on the device."""
     import torch
 
-    run, dist = st.job.run, st.dist
+    run, dist, dev = st.job.run, st.dist, st.device.torch_device
     t0 = time.perf_counter()
     n_images = sum(len(b) for b in micro)
     if run.lora_dropout or st.model.trains_text:  # LoRA (and a text encoder's own) dropout
         # draws from global RNG: seed it per step (and rank), so a resumed run draws the masks
         # an uninterrupted one drew
         torch.manual_seed(dropout_seed(run.seed, st.step, dist.rank))
-    loss_sum, data_s = guarded_first_step(
+    losses, data_s = guarded_first_step(
         st, lambda: _forward_backward(st, micro, epoch, n_images)
     )
+    # summed in float64, as Python floats would sum them
+    total = sum((x.double() for x, _ in losses), torch.zeros((), dtype=torch.float64, device=dev))
+    bad = None
     if dist.world > 1:  # sum the LoRA gradients and the loss over ranks: every rank steps alike
         distributed.all_reduce_grads(st.model.params)
-        loss_sum, n_bad = distributed.all_reduce_floats(
-            [loss_sum, len(st.bad)], st.device.torch_device
-        )
-        if n_bad:
-            _raise_nonfinite(st, st.bad)
+        n_bad = sum(((~torch.isfinite(x)).double() for x, _ in losses), torch.zeros_like(total))
+        total, bad = distributed.all_reduce_tensor(torch.stack([total, n_bad]))
     st.scaler.unscale_(st.opt)
     if run.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(st.model.params, run.max_grad_norm)
@@ -341,13 +375,31 @@ def _optimizer_step(st: State, epoch: int, micro: list[list[int]]) -> dict:
     st.step += 1
     dt = time.perf_counter() - t0
     st.step_times.append(dt)
-    return step_record(st, epoch, loss_sum, n_images, dt, data_s, skipped)
+    return Taken(step_record(st, epoch, None, n_images, dt, data_s, skipped), total, bad, losses)
 
 
-def _raise_nonfinite(st: State, paths: list[str]):
+def _record(st: State, taken: Taken, t_loop: float) -> None:
+    """Read a taken step's loss back (an error if it is not finite), append its metrics record,
+    send it to MLflow and log progress. Returns None (the step is no longer pending)."""
+    m = taken.record
+    loss = float(taken.total)
+    if not st.scaler.is_enabled():  # fp16's scaler skips non-finite steps by design
+        mine = [p for x, paths in taken.losses if not math.isfinite(float(x)) for p in paths]
+        if mine or (taken.bad is not None and float(taken.bad) > 0) or not math.isfinite(loss):
+            _raise_nonfinite(st, m["step"], mine)
+    m["loss"] = loss
+    st.metrics.append(m)
+    if st.tracker is not None:
+        st.tracker.log(m)
+    done = m["step"] - st.loop_start_step
+    log_progress(st, m, (time.perf_counter() - t_loop) / done * (st.plan.total_steps - m["step"]))
+    return None
+
+
+def _raise_nonfinite(st: State, step: int, paths: list[str]):
     where = f"samples: {paths}" if paths else "samples: on another process"
     raise FloatingPointError(
-        f"run {st.job.run.name}: non-finite loss at step {st.step + 1} ({where}); "
+        f"run {st.job.run.name}: non-finite loss at step {step} ({where}); "
         f"last good checkpoint kept in {st.layout.dir}"
     )
 
@@ -362,12 +414,17 @@ def _lora_states(st: State) -> tuple[dict, list[dict]]:
 
 def _save_checkpoint(st: State) -> None:
     """Checkpoint of this step (resume), and both export layouts of it (picking a step)."""
-    from .export import export_checkpoint
-    from .models import adapter_metadata
-
     lora, te = _lora_states(st)
     checkpoints.save(st.layout, st.step, st.job.fingerprint, lora, te, st.opt, st.sched,
                      st.scaler, st.metrics)  # fmt: skip
+    _export_step(st, lora, te)
+
+
+def _export_step(st: State, lora: dict, te: list[dict]) -> None:
+    """Both export layouts of this step (also the best step's, `training.validation`)."""
+    from .export import export_checkpoint
+    from .models import adapter_metadata
+
     meta = st.file_meta()
     meta.update(
         ss_steps=str(st.step),
@@ -378,6 +435,24 @@ def _save_checkpoint(st: State) -> None:
         lora, adapter_metadata(st.model.lora_cfg), st.layout.export(st.step),
         st.job.run.to_dict(), meta, st.tag_freq, te[0] if te else None, _te_meta(st),
     )  # fmt: skip
+
+
+def _facts(st: State) -> dict:
+    """What the exported files' metadata says about this training (`export.train_metadata`)."""
+    from .export import architecture_metadata, bucket_info
+
+    unet_cfg, sched_cfg = dict(st.model.unet.config), dict(st.model.scheduler.config)
+    return {
+        "epochs": st.plan.epochs,
+        "precision": st.device.precision,
+        "samples": len(st.samples),
+        "max_steps": st.plan.total_steps,
+        "batches_per_epoch": st.plan.batches_per_epoch,
+        "processes": st.dist.world,
+        "started_at": st.started_at,
+        "bucket_info": bucket_info(s["meta"] for s in st.samples),
+        "architecture": architecture_metadata(unet_cfg, sched_cfg),
+    }
 
 
 def _te_meta(st: State) -> dict | None:
@@ -403,6 +478,9 @@ def _write_outputs(st: State, t_start: float) -> dict:
     plot_loss(st.metrics, out_dir / "loss.png", st.job.run.name)
     graphs = compiled_graphs() if st.forward is not st.model.unet else 0
     s = summary(st, time.perf_counter() - t_start, graphs, trace.get("lorapipe_mlflow_run_id"))
+    s.update({**_facts(st), **{k: s[k] for k in ("epochs", "precision", "samples", "processes")},
+              "finished_at": time.time()})  # fmt: skip
+    s.update(validation.summary(st))  # val_loss, best_step, best_val_loss, images per side
     atomic_write_text(out_dir / "train_summary.json", json.dumps(s, indent=1))
     log_summary(s)
     return s

@@ -23,15 +23,13 @@ def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def latents(tmp_path_factory, demo_images, tiny_model) -> list[str]:
-    """Two latent shards made by the real stage functions from the demo images."""
+def make_latents(d: Path, demo_images: Path, tiny_model: Path) -> list[str]:
+    """Two latent shards made in ``d`` by the real stage functions from the demo images."""
     from lorapipe.captions import CaptionSettings, caption_shard
     from lorapipe.latents import encode_shard
     from lorapipe.manifest import ScanSettings, list_images, scan_shard, shard_files
     from lorapipe.shards import ShardSettings, write_shard
 
-    d = tmp_path_factory.mktemp("stages")
     files = list_images(demo_images)
     out = []
     for k in range(2):
@@ -45,6 +43,12 @@ def latents(tmp_path_factory, demo_images, tiny_model) -> list[str]:
         encode_shard(d / f"s{k}.tar", tiny_model, d / f"l{k}.tar")
         out.append(str(d / f"l{k}.tar"))
     return out
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory, demo_images, tiny_model) -> list[str]:
+    """Two latent shards made by the real stage functions from the demo images."""
+    return make_latents(tmp_path_factory.mktemp("stages"), demo_images, tiny_model)
 
 
 def run_config(**over):

@@ -75,13 +75,13 @@ def test_prompt_text_is_the_cached_choice(shards, tiny_model):
                 kinds.add("" if not t else "variant" if t in variants else "caption")
         with torch.inference_mode():
             parts["text_encoder"].eval()
-            got = family_of(tiny_model).encode_prompts(parts, texts)
+            got = family_of(tiny_model).encode_prompts(parts, texts)["text"]
         assert torch.allclose(got, torch.stack(cached), atol=1e-5), cache
     assert kinds == {"", "variant", "caption"}
 
 
 def test_text_encoder_lora_trains_and_both_files_carry_it(te_run, tiny_model):
-    from lorapipe.export import export_kohya
+    from lorapipe.export import export_kohya, read_alpha
 
     # the checkpoint holds the text-encoder LoRA; peft's gaussian init has lora_B = 0 (A random)
     last = sorted(te_run["ck"].glob("step-*"))[-1]
@@ -96,7 +96,9 @@ def test_text_encoder_lora_trains_and_both_files_carry_it(te_run, tiny_model):
     te_keys = [k for k in tensors if k.startswith("text_encoder.")]
     assert len(te_keys) == len(te_ckpt)
     cfg = json.loads(meta["lora_adapter_metadata"])
-    assert (cfg["text_encoder.lora_alpha"], cfg["text_encoder.r"]) == (ALPHA, RANK)
+    # the scale alpha / r is in the up weights: the metadata says alpha = r (issue 14)
+    assert (cfg["text_encoder.lora_alpha"], cfg["text_encoder.r"]) == (RANK, RANK)
+    assert read_alpha(meta, "text_encoder") == (ALPHA, RANK)
     metrics = [json.loads(x) for x in (te_run["out"] / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["lr_text_encoder"] == TE_LR
 
@@ -114,7 +116,8 @@ def test_text_encoder_lora_trains_and_both_files_carry_it(te_run, tiny_model):
         module, kind = key.removeprefix("text_encoder.").rsplit(".lora_linear_layer.", 1)
         module = module if module.startswith("text_model.") else "text_model." + module
         kohya = {"down.weight": "lora_down.weight", "up.weight": "lora_up.weight"}[kind]
-        assert sd[f"lora_te_{module.replace('.', '_')}.{kohya}"].equal(tensors[key])
+        want = tensors[key] / (ALPHA / RANK) if kind == "up.weight" else tensors[key]
+        assert sd[f"lora_te_{module.replace('.', '_')}.{kohya}"].equal(want)
     assert kmeta["ss_text_encoder_lr"] == str(TE_LR)
     assert kmeta["ss_unet_lr"] == str(te_run["run"].learning_rate)
 
@@ -146,7 +149,8 @@ def test_kohya_file_gives_the_diffusers_image(te_run, tiny_model):
     for f in (diffusers_file, kohya_file):
         pipe.load_lora_weights(str(f.parent), weight_name=f.name)
         te_scalings = lora_scalings(pipe.text_encoder)
-        assert te_scalings and set(te_scalings) == {ALPHA / RANK}, f.name
+        want = ALPHA / RANK if f == kohya_file else 1.0  # diffusers file: scale in the weights
+        assert te_scalings and set(te_scalings) == {want}, f.name
         images[f.name] = render(pipe)
         pipe.unload_lora_weights()
     d, k = images[diffusers_file.name], images[kohya_file.name]

@@ -39,10 +39,16 @@ class Family:
         """The text encoder modules among loaded ``parts`` (LoRA targets when trained)."""
         raise NotImplementedError
 
-    def encode_prompts(self, parts: dict, prompts: list[str], device=None):
+    def encode_prompts(self, parts: dict, prompts: list[str], device=None) -> dict:
         """What the latent cache stores per caption, and what training conditions the UNet on:
-        computed from ``prompts`` with the loaded text parts."""
+        ``{name: (N, ...) tensor}`` computed from ``prompts`` with the loaded text parts. Every
+        family has ``"text"`` (the UNet's encoder hidden states); others add their own."""
         raise NotImplementedError
+
+    def added_cond(self, cond: dict, metas: list[dict], device) -> dict | None:
+        """The UNet's ``added_cond_kwargs`` for a batch (``cond``: the stacked outputs of
+        `encode_prompts`; ``metas``: the samples' metadata), or None when it takes none."""
+        return None
 
     def build_tiny(self, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         """A tiny model of this family's shape, from code, seeded (tests and the demo)."""

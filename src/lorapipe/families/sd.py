@@ -64,16 +64,16 @@ class SD(Family):
     def text_encoders(self, parts: dict) -> list:
         return [parts["text_encoder"]]
 
-    def encode_prompts(self, parts: dict, prompts: list[str], device=None):
-        """(N, L, D) last hidden states: padded to the tokenizer's max length, truncated. The
-        latent cache and text-encoder training both encode through here, so a trained text
-        encoder sees its prompts exactly as the cache would have stored them."""
+    def encode_prompts(self, parts: dict, prompts: list[str], device=None) -> dict:
+        """``{"text": (N, L, D)}``, the last hidden states: padded to the tokenizer's max
+        length, truncated. The latent cache and text-encoder training both encode through here,
+        so a trained text encoder sees its prompts exactly as the cache would have stored them."""
         tokenizer, text_encoder = parts["tokenizer"], parts["text_encoder"]
         ids = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids  # fmt: skip
-        return text_encoder(ids.to(device) if device is not None else ids)[0]
+        return {"text": text_encoder(ids.to(device) if device is not None else ids)[0]}
 
     def build_tiny(self, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         from ..tiny import build_tiny_model

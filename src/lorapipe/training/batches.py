@@ -122,18 +122,27 @@ def pick_caption(n_variants: int, drop: float, caption_dropout: float, g) -> int
     return -1
 
 
-def caption_tensor(sample: dict, drop: float, caption_dropout: float, empty_text, g):
-    """The cached text-encoder output a sample trains with this epoch (see `pick_caption`)."""
-    variants = sample.get("text_variants")
+def caption_cond(sample, drop: float, caption_dropout: float, empty: dict, g) -> dict:
+    """The cached text-encoder outputs a sample trains with this epoch (see `pick_caption`):
+    ``{name: tensor}`` for each output the family encodes (``empty``'s names)."""
+    names = list(empty)
+    variants = sample.get(f"{names[0]}_variants")
     k = pick_caption(len(variants) if variants is not None else 0, drop, caption_dropout, g)
     if k is None:
-        return empty_text
-    return (variants[k] if k >= 0 else sample["text"]).float()
+        return empty
+    if k >= 0:
+        return {n: sample[f"{n}_variants"][k].float() for n in names}
+    return {n: sample[n].float() for n in names}
 
 
-def caption_text(sample: dict, drop: float, caption_dropout: float, g) -> str:
+def caption_tensor(sample, drop: float, caption_dropout: float, empty_text, g):
+    """`caption_cond`'s ``text`` (the UNet's encoder hidden states), for one sample."""
+    return caption_cond(sample, drop, caption_dropout, {"text": empty_text}, g)["text"]
+
+
+def caption_text(sample, drop: float, caption_dropout: float, g) -> str:
     """The prompt text a sample trains with this epoch when the text encoder is trained: the
-    same choice (and the same draw from ``g``) as `caption_tensor` makes among cached tensors."""
+    same choice (and the same draw from ``g``) as `caption_cond` makes among cached tensors."""
     variants = sample["meta"].get("caption_variants") or []
     k = pick_caption(len(variants), drop, caption_dropout, g)
     if k is None:
@@ -151,8 +160,26 @@ class BatchRecipe:
     scaling: float  # the VAE's latent scaling factor
     noise_offset: float
     caption_dropout: float
-    empty_text: object  # the cached text-encoder output of "" (caption dropout)
+    empty: dict  # the cached text-encoder outputs of "" (caption dropout), float
     prompts: bool  # True: captions as text (the text encoder is trained), else cached tensors
+
+
+@dataclass
+class HostBatch:
+    """One micro-batch as made on the host (CPU), before it goes to the training device."""
+
+    latents: object  # drawn latents, scaled (B, C, H, W)
+    noise: object  # (B, C, H, W)
+    timesteps: object  # (B,) long
+    cond: dict | None  # stacked cached text-encoder outputs, or None when ``prompts`` is set
+    prompts: list[str] | None  # the captions, when the text encoder encodes them with grad
+    metas: list[dict]  # the samples' metadata (size conditioning of some families)
+
+    def pinned(self) -> HostBatch:
+        """The same batch in page-locked memory (for non-blocking copies to a GPU)."""
+        cond = None if self.cond is None else {k: v.pin_memory() for k, v in self.cond.items()}
+        return HostBatch(self.latents.pin_memory(), self.noise.pin_memory(),
+                         self.timesteps.pin_memory(), cond, self.prompts, self.metas)  # fmt: skip
 
 
 @dataclass
@@ -162,22 +189,22 @@ class Batch:
     noisy: object  # noised latents (B, C, H, W)
     timesteps: object  # (B,) long
     target: object  # what the UNet should predict: noise, or velocity for v-prediction
-    cond: object  # cached text-encoder outputs (B, L, D), or None when ``prompts`` is set
-    prompts: list[str] | None  # the captions, when the text encoder encodes them with grad
+    cond: dict | None  # cached text-encoder outputs, or None when ``prompts`` is set
+    prompts: list[str] | None
+    metas: list[dict]
 
 
-def make_batch(samples: list[dict], batch: list[int], epoch: int, r: BatchRecipe, device) -> Batch:
-    """The tensors of micro-batch ``batch`` (sample indices) in ``epoch``: each sample's latent
-    drawn from its cached distribution, its noise, timestep and caption from `draw`."""
+def host_batch(samples, batch: list[int], epoch: int, r: BatchRecipe) -> HostBatch:
+    """The host tensors of micro-batch ``batch`` (sample indices) in ``epoch``: each sample's
+    latent drawn from its cached distribution, its noise, timestep and caption from `draw`.
+    A pure function of its arguments (safe to run ahead in another thread)."""
     import torch
 
-    sched = r.noise_scheduler
     lat, noise, ts, text = [], [], [], []
+    n_t = r.noise_scheduler.config.num_train_timesteps
     for i in batch:
         s = samples[i]
-        eps_latent, nz, t, drop, g = draw(
-            s, r.seed, epoch, sched.config.num_train_timesteps, r.noise_offset
-        )
+        eps_latent, nz, t, drop, g = draw(s, r.seed, epoch, n_t, r.noise_offset)
         z = s["mean"].float() + torch.exp(0.5 * s["logvar"].float()) * eps_latent
         lat.append(z * r.scaling)
         noise.append(nz)
@@ -185,17 +212,32 @@ def make_batch(samples: list[dict], batch: list[int], epoch: int, r: BatchRecipe
         if r.prompts:
             text.append(caption_text(s, drop, r.caption_dropout, g))
         else:
-            text.append(caption_tensor(s, drop, r.caption_dropout, r.empty_text, g))
-    latents = torch.stack(lat).to(device)
-    noise_t = torch.stack(noise).to(device)
-    timesteps = torch.tensor(ts, device=device, dtype=torch.long)
-    noisy = sched.add_noise(latents, noise_t, timesteps)
+            text.append(caption_cond(s, drop, r.caption_dropout, r.empty, g))
+    cond = None if r.prompts else {k: torch.stack([c[k] for c in text]) for k in r.empty}
+    metas = [samples[i]["meta"] for i in batch]
+    timesteps = torch.tensor(ts, dtype=torch.long)
+    prompts = text if r.prompts else None
+    return HostBatch(torch.stack(lat), torch.stack(noise), timesteps, cond, prompts, metas)
+
+
+def device_batch(hb: HostBatch, r: BatchRecipe, device, non_blocking: bool = False) -> Batch:
+    """A host batch on the device, noised, with its training target."""
+    def to(t):
+        return t.to(device, non_blocking=non_blocking)
+
+    latents, noise, timesteps = to(hb.latents), to(hb.noise), to(hb.timesteps)
+    noisy = r.noise_scheduler.add_noise(latents, noise, timesteps)
     if r.prediction == "epsilon":
-        target = noise_t
+        target = noise
     else:
-        target = sched.get_velocity(latents, noise_t, timesteps)
-    cond = None if r.prompts else torch.stack(text).to(device)
-    return Batch(noisy, timesteps, target, cond, text if r.prompts else None)
+        target = r.noise_scheduler.get_velocity(latents, noise, timesteps)
+    cond = None if hb.cond is None else {k: to(v) for k, v in hb.cond.items()}
+    return Batch(noisy, timesteps, target, cond, hb.prompts, hb.metas)
+
+
+def make_batch(samples, batch: list[int], epoch: int, r: BatchRecipe, device) -> Batch:
+    """`host_batch` then `device_batch`: micro-batch ``batch`` on the device."""
+    return device_batch(host_batch(samples, batch, epoch, r), r, device)
 
 
 def diffusion_loss(pred, batch: Batch, r: BatchRecipe, min_snr_gamma: float | None):

@@ -36,14 +36,17 @@ def _warm_up_passes(st, forward, shapes: list[list[int]]) -> None:
 
     dev = st.device.torch_device
     t_mid = st.model.scheduler.config.num_train_timesteps // 2
+    names = list(st.recipe.empty)
     for batch in shapes:
         z = torch.stack([st.samples[i]["mean"].float() * st.model.scaling for i in batch]).to(dev)
-        cond = torch.stack([st.samples[i]["text"].float() for i in batch]).to(dev)
+        cond = {n: torch.stack([st.samples[i][n].float() for i in batch]).to(dev) for n in names}
         if st.model.trains_text:  # as in training, where cond comes from the trained encoder
-            cond.requires_grad_(True)
+            cond["text"].requires_grad_(True)
         timesteps = torch.full((len(batch),), t_mid, device=dev, dtype=torch.long)
+        added = st.family.added_cond(cond, [st.samples[i]["meta"] for i in batch], dev)
+        kwargs = {"added_cond_kwargs": added} if added is not None else {}
         with st.device.autocast():
-            pred = forward(z, timesteps, cond, return_dict=False)[0]
+            pred = forward(z, timesteps, cond["text"], return_dict=False, **kwargs)[0]
         pred.float().pow(2).mean().backward()
 
 

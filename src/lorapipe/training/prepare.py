@@ -31,6 +31,14 @@ def resolve_compile(setting, device: str) -> bool:
     return device == "cuda" if setting == "auto" else bool(setting)
 
 
+def resolve_prefetch(setting, device: str, cache) -> bool:
+    """``auto`` makes batches ahead with CUDA or when the latent cache is streamed; on a CPU
+    with the cache in memory the thread only competes with training for the cores."""
+    if setting == "auto":
+        return device == "cuda" or not getattr(cache, "in_memory", True)
+    return bool(setting)
+
+
 def check_optimizer(run: RunConfig, device: str) -> None:
     """Fail before training starts when the optimizer cannot run here (one line, naming the key)."""
     if run.optimizer != "adamw8bit":

@@ -4,6 +4,7 @@ summary (``train_summary.json``)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -12,9 +13,10 @@ from ..io import atomic_path
 log = logging.getLogger("lorapipe.train")
 
 
-def step_record(st, epoch: int, loss: float, n_images: int, dt: float, data_s: float,
+def step_record(st, epoch: int, loss: float | None, n_images: int, dt: float, data_s: float,
                 skipped: bool) -> dict:  # fmt: skip
-    """The metrics.jsonl line of the step just taken (``st.step`` already counts it)."""
+    """The metrics.jsonl line of the step just taken (``st.step`` already counts it); ``loss``
+    None: filled in when it is read back from the device."""
     import torch
 
     lrs = st.sched.get_last_lr()
@@ -40,7 +42,7 @@ def log_progress(st, m: dict, eta_s: float) -> None:
     """One progress line (rank 0 at INFO, other ranks at DEBUG)."""
     (log.info if st.dist.main else log.debug)(
         "Epoch %d/%d | Step %d/%d | Loss %.4f | LR %.2e | %.1f img/s | data %.0f%% | ETA %s",
-        m["epoch"], st.plan.epochs, st.step, st.plan.total_steps, m["loss"], m["lr"],
+        m["epoch"], st.plan.epochs, m["step"], st.plan.total_steps, m["loss"], m["lr"],
         m["images_per_s"], 100 * m["data_wait"], fmt_eta(eta_s),
     )  # fmt: skip
 
@@ -104,7 +106,8 @@ def fmt_eta(seconds: float) -> str:
 
 
 def plot_loss(metrics: list[dict], path: str | os.PathLike, title: str) -> None:
-    """Loss per step (and a moving average) as a PNG."""
+    """Loss per step (and a moving average) as a PNG; with the validation loss (``val_loss``
+    records) and its best step marked, when the run has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,6 +121,13 @@ def plot_loss(metrics: list[dict], path: str | os.PathLike, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, loss, alpha=0.35, label="loss")
     ax.plot(steps, avg, label=f"mean of {k}")
+    val = [(m["step"], m["val_loss"]) for m in metrics
+           if math.isfinite(m.get("val_loss", math.nan))]  # fmt: skip
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], marker="o", markersize=3,
+                label="validation loss")  # fmt: skip
+        best = min(val, key=lambda sv: (sv[1], sv[0]))
+        ax.axvline(best[0], color="grey", linestyle=":", label=f"best step {best[0]}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"run {title}")
