@@ -615,14 +615,3 @@ def export_checkpoint(
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
-
-
-def add_metadata(path: str | os.PathLike, extra: dict[str, str]) -> None:
-    """Rewrite a safetensors file with ``extra`` merged into its string metadata (atomically)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta.update({k: str(v) for k, v in extra.items()})
-    save_safetensors(tensors, path, metadata=meta)

@@ -381,8 +381,3 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
     from safetensors.torch import save
 
     atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
-
-
-def canonicalize_file(path: str | os.PathLike) -> None:
-    """Rewrite a safetensors file (written by another library) in canonical form, atomically."""
-    atomic_write_bytes(path, canonical_safetensors(Path(path).read_bytes()))
