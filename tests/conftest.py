@@ -70,9 +70,9 @@ def loaded_parts(monkeypatch) -> list[set]:
     calls: list[set] = []
     real = lorapipe.models.load_parts
 
-    def spy(path, parts=None, original_config=None):
+    def spy(path, parts=None, original_config=None, **kw):
         calls.append(set(parts) if parts is not None else {'all'})
-        return real(path, parts, original_config)
+        return real(path, parts, original_config, **kw)
 
     monkeypatch.setattr(lorapipe.models, "load_parts", spy)
     return calls

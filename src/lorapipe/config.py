@@ -411,6 +411,7 @@ class RunConfig:
     learning_rate: float
     train_text_encoder: bool
     text_encoder_lr: float | None
+    text_encoder_2_lr: float | None
     lr_scheduler: str
     warmup_steps: int
     batch_size: int

@@ -61,12 +61,16 @@ def encode_shard(
     checksum: bool = False,
     original_config: str | None = None,
     variants: VariantSettings | None = None,
+    vae: str | None = None,
 ) -> int:
     """Encode one image shard into a latent shard; returns the number of samples.
 
     The image shard is checked against its checksum sidecar first, when it has one; ``checksum``
     also writes ``<out_tar>.sha256``, committed after the tar. ``dtype`` (float32 or bfloat16)
-    is the stored dtype; the encoders run in float32. ``variants`` adds ``text_variants``.
+    is the stored dtype; the encoders run in float32 (SDXL's VAE overflows in fp16).
+    ``variants`` adds ``text_variants``. ``vae``: a base model's VAE override folder
+    (`models.check_vae_folder`), encoding instead of its own VAE; its digest is each sample's
+    ``vae`` record.
     """
     import torch
 
@@ -82,7 +86,7 @@ def encode_shard(
     remove_stale_temps(*outs)
     verify_file(shard_tar)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    enc = _Encoders(model_path, original_config, device, getattr(torch, dtype), dtype)
+    enc = _Encoders(model_path, original_config, device, getattr(torch, dtype), dtype, vae)
     by_size: dict[tuple, list] = defaultdict(list)
     for s in read_samples(shard_tar):
         by_size[tuple(s[2]["size"])].append(s)
@@ -104,19 +108,23 @@ class _Encoders:
     """The VAE and text encoder(s) of a base model, loaded once per shard, and how a chunk of
     samples becomes latent-cache entries."""
 
-    def __init__(self, model_path, original_config, device: str, store_dtype, dtype: str):
+    def __init__(self, model_path, original_config, device: str, store_dtype, dtype: str,
+                 vae: str | None = None):  # fmt: skip
         from . import models
         from .families import family_of
 
         self.family = family_of(model_path, original_config)
-        self.parts = models.load_parts(model_path, self.family.latent_parts, original_config)
+        self.parts = models.load_parts(
+            model_path, self.family.latent_parts, original_config, vae=vae
+        )
         for m in self.family.text_encoders(self.parts):
             m.to(device).eval()
         self.vae = self.parts["vae"].to(device).eval()
         self.device, self.store_dtype = device, store_dtype
         self.texts: dict[str, bytes] = {}  # text_ref -> outputs of one distinct caption
         # which VAE and text encoder(s) made a sample (single file: the whole file's digest)
-        self.meta = {"vae": models.part_fingerprint(model_path, "vae")[:16], "dtype": dtype}
+        vae_digest = models.part_fingerprint(model_path, "vae", vae)[:16]
+        self.meta = {"vae": vae_digest, "dtype": dtype}
         for part in self.family.text_parts:
             if part in self.family.weight_parts:
                 self.meta[part] = models.part_fingerprint(model_path, part)[:16]

@@ -71,6 +71,7 @@ class Job:
     stop_after: int | None = None  # stop (writing no outputs) after this step: resume tests
     original_config: str | None = None  # a single-file base model's local diffusers folder
     validation: dict | None = None  # holdout.Holdout.to_dict() + "shards" (training.validation)
+    vae: str | None = None  # the base model's VAE override folder (its latent scaling factor)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "run": self.run.to_dict()}
@@ -132,6 +133,7 @@ def train(
     export_meta: dict[str, str] | None = None,
     original_config: str | None = None,
     validation: dict | None = None,
+    vae: str | None = None,
 ) -> dict:
     """Train one LoRA; resume from ``ckpt_dir`` when it holds a checkpoint of this fingerprint.
 
@@ -151,12 +153,13 @@ def train(
         original_config: for a single-file base model, the local diffusers folder describing it.
         validation: the held-out images (`training.validation`): `holdout.Holdout.to_dict`,
             plus ``shards`` (a validation dataset's latent shards); None: no validation loss.
+        vae: the base model's VAE override folder (`models.load_parts`), if it has one.
 
     Returns:
         Summary: steps, epochs, final loss, timings, samples, MLflow run id.
     """
     job = Job(run, [str(x) for x in latent_shards], str(model_path), str(out_dir), str(ckpt_dir),
-              fingerprint, stop_after, original_config, validation)  # fmt: skip
+              fingerprint, stop_after, original_config, validation, vae)  # fmt: skip
     return run_job(job, tracker, export_meta)
 
 
@@ -243,7 +246,9 @@ def _prepare(job: Job, tracker, export_meta: dict, dist: distributed.Dist) -> St
     # The latent cache holds the empty prompt's encoding (caption dropout); only a cache written
     # before it was stored, or training the text encoder, makes training load the text encoder.
     need_text = cached_empty is None or bool(run.train_text_encoder)
-    parts = models.load_parts(job.model_path, family.training_parts(need_text), job.original_config)
+    parts = models.load_parts(
+        job.model_path, family.training_parts(need_text), job.original_config, vae=job.vae
+    )
     if cached_empty is not None:
         empty = {k: v.float() for k, v in cached_empty.items()}
     else:
@@ -431,9 +436,11 @@ def _export_step(st: State, lora: dict, te: list[dict]) -> None:
         ss_epoch=str(math.ceil(st.step / st.plan.steps_per_epoch)),
         ss_num_epochs=str(st.plan.epochs),
     )
+    te1, te2 = _te_states(te)
     export_checkpoint(
         lora, adapter_metadata(st.model.lora_cfg), st.layout.export(st.step),
-        st.job.run.to_dict(), meta, st.tag_freq, te[0] if te else None, _te_meta(st),
+        st.job.run.to_dict(), meta, st.tag_freq, te1, _te_meta(st), te2,
+        unet_config=dict(st.model.unet.config),  # kohya's names follow its layout (SDXL)
     )  # fmt: skip
 
 
@@ -455,6 +462,11 @@ def _facts(st: State) -> dict:
     }
 
 
+def _te_states(te: list[dict]) -> tuple[dict | None, dict | None]:
+    """(first, second) text encoder's LoRA state: SDXL has two, SD one, none when untrained."""
+    return (te[0] if te else None), (te[1] if len(te) > 1 else None)
+
+
 def _te_meta(st: State) -> dict | None:
     from .models import adapter_metadata
 
@@ -471,9 +483,10 @@ def _write_outputs(st: State, t_start: float) -> dict:
     out_dir = Path(st.job.out_dir)
     trace = {k: v for k, v in st.file_meta().items() if k.startswith("lorapipe_")}
     lora, te = _lora_states(st)
+    te1, te2 = _te_states(te)
     save_diffusers_lora(lora, adapter_metadata(st.model.lora_cfg),
                         out_dir / "pytorch_lora_weights.safetensors", trace,
-                        te[0] if te else None, _te_meta(st))  # fmt: skip
+                        te1, _te_meta(st), te2)  # fmt: skip
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in st.metrics))
     plot_loss(st.metrics, out_dir / "loss.png", st.job.run.name)
     graphs = compiled_graphs() if st.forward is not st.model.unet else 0

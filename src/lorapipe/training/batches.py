@@ -242,7 +242,8 @@ def make_batch(samples, batch: list[int], epoch: int, r: BatchRecipe, device) ->
 
 def diffusion_loss(pred, batch: Batch, r: BatchRecipe, min_snr_gamma: float | None):
     """Per-sample loss (B,): mean squared error of the prediction, min-SNR weighted when
-    ``min_snr_gamma`` is set (weights for epsilon: min(SNR, γ)/SNR; v-prediction: /(SNR+1))."""
+    ``min_snr_gamma`` is set (weights for epsilon: min(SNR, γ)/SNR, 1 where SNR is 0 (the last
+    step of a zero-terminal-SNR schedule); v-prediction: min(SNR, γ)/(SNR+1))."""
     import torch
     from diffusers.training_utils import compute_snr
 
@@ -251,6 +252,9 @@ def diffusion_loss(pred, batch: Batch, r: BatchRecipe, min_snr_gamma: float | No
     if min_snr_gamma:
         snr = compute_snr(r.noise_scheduler, batch.timesteps)
         w = torch.minimum(snr, torch.full_like(snr, min_snr_gamma))
-        w = w / snr if r.prediction == "epsilon" else w / (snr + 1)
+        if r.prediction == "epsilon":  # a zero-terminal-SNR schedule's last step: SNR 0, the
+            w = torch.where(snr > 0, w / snr, torch.ones_like(snr))  # weight's limit is 1
+        else:
+            w = w / (snr + 1)
         per_sample = per_sample * w
     return per_sample

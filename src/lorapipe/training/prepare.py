@@ -190,7 +190,8 @@ def prediction_type(run: RunConfig, scheduler) -> str:
 
 def build_model(run: RunConfig, family, parts: dict, device: Device) -> Model:
     """The UNet with its LoRA (and the text encoders' LoRA when ``train_text_encoder``), from
-    the loaded ``parts``; the optimizer's param groups (text encoders at ``text_encoder_lr``)."""
+    the loaded ``parts``; the optimizer's param groups (the first text encoder at
+    ``text_encoder_lr``, SDXL's second at ``text_encoder_2_lr``)."""
     import torch
 
     from ..models import lora_config, vae_scaling_factor
@@ -206,15 +207,15 @@ def build_model(run: RunConfig, family, parts: dict, device: Device) -> Model:
         m.text_cfg = lora_config(
             run.lora_rank, run.lora_alpha, family.text_lora_targets, run.lora_dropout
         )
-        te_params = []
-        for te in family.text_encoders(parts):
-            te_params += attach_lora(te, m.text_cfg, device)
         te_lr = run.text_encoder_lr if run.text_encoder_lr is not None else run.learning_rate
-        m.param_groups = [
-            {"params": params, "lr": run.learning_rate},
-            {"params": te_params, "lr": te_lr},
-        ]
-        m.params = params + te_params  # clipping, all-reduce and broadcast cover both
+        te2_lr = run.text_encoder_2_lr if run.text_encoder_2_lr is not None else te_lr
+        m.param_groups = [{"params": params, "lr": run.learning_rate}]
+        te_params = []
+        for i, te in enumerate(family.text_encoders(parts)):  # one group (and rate) each
+            mine = attach_lora(te, m.text_cfg, device)
+            m.param_groups.append({"params": mine, "lr": te_lr if i == 0 else te2_lr})
+            te_params += mine
+        m.params = params + te_params  # clipping, all-reduce and broadcast cover all
     return m
 
 
