@@ -17,6 +17,7 @@ include: "rules/encode.smk"
 include: "rules/train.smk"
 include: "rules/sample_steps.smk"
 include: "rules/track.smk"
+include: "rules/validation.smk"
 
 
 rule all:

@@ -38,6 +38,9 @@ wildcard_constraints:
 
 
 PLAN = Planner(config)
+# A validation_split that holds out every listed image: a config error before any job.
+if workflow.is_main_process and (_problems := PLAN.holdout_problems()):
+    raise WorkflowError(f"invalid config: {'; '.join(_problems)}")
 DATASETS = config["datasets"]
 MODELS = config["base_models"]
 RUNS = PLAN.runs
@@ -150,6 +153,18 @@ def get_run_captions(wildcards):
 
 def get_run_manifest(wildcards):
     return PLAN.run_manifest(wildcards.run)
+
+
+def get_run_val_manifest(wildcards):
+    return PLAN.run_val_manifest(wildcards.run)
+
+
+def get_run_val_latents(wildcards):
+    return PLAN.run_val_latents(wildcards.run)
+
+
+def get_run_val_latent_sidecars(wildcards):
+    return PLAN.run_val_latent_sidecars(wildcards.run)
 
 
 def get_run_dataset(wildcards):

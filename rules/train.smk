@@ -3,6 +3,7 @@ rule run_config:
     input:
         manifest=get_run_manifest,
         model=get_run_model_files,
+        val_manifest=get_run_val_manifest,  # a validation_dataset's (in the fingerprint)
     output:
         "results/runs/{run}/config.yaml",
     log:
@@ -25,6 +26,8 @@ rule train:
         config="results/runs/{run}/config.yaml",
         latents=get_run_latents,
         latents_sha256=get_run_latent_sidecars,
+        val_latents=get_run_val_latents,  # a validation_dataset's latents (else none)
+        val_latents_sha256=get_run_val_latent_sidecars,
         model=get_run_model_files,
     output:
         lora="results/runs/{run}/pytorch_lora_weights.safetensors",

@@ -11,6 +11,7 @@ mlflow = {"uri": p.mlflow_uri, "experiment": p.mlflow_experiment, **p.mlflow_liv
 out_dir = snakemake.output.lora.rsplit("/", 1)[0]
 i = snakemake.input
 summary = train_run(
-    i.config, list(i.latents), localized(p.model_path, i), out_dir, p.checkpoints, mlflow
+    i.config, list(i.latents), localized(p.model_path, i), out_dir, p.checkpoints, mlflow,
+    val_latents=list(i.val_latents),  # a validation_dataset's latent shards (else none)
 )
 log.info("done: %s", summary)

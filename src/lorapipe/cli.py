@@ -73,6 +73,17 @@ def _load_run(results: Path, name: str) -> dict:
     return out
 
 
+def _validation_lines(sa: dict, sb: dict) -> list[str]:
+    """Final and best validation loss and the best step of two runs (train_summary.json)."""
+    def val(s, key):
+        v = s.get(key)
+        return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    rows = (("final val loss", "val_loss"), ("best val loss", "best_val_loss"),
+            ("best step", "best_step"))  # fmt: skip
+    return [f"{label:32} {val(sa, k):>20} {val(sb, k):>20}" for label, k in rows]
+
+
 def compare_runs(results: Path, a: str, b: str) -> str:
     """A short text report: settings that differ, final loss, steps and time of two runs."""
     from .tracking import flatten
@@ -98,6 +109,7 @@ def compare_runs(results: Path, a: str, b: str) -> str:
 
     lines.append(f"{'final loss':32} {last(ra, 'loss'):>20} {last(rb, 'loss'):>20}")
     lines.append(f"{'loss, mean of last 10%':32} {tail_mean(ra):>20} {tail_mean(rb):>20}")
+    lines += _validation_lines(ra["summary"], rb["summary"])
     def fmt(v) -> str:
         return f"{v:.1f}" if isinstance(v, float) else str(v)
 

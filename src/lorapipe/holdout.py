@@ -96,11 +96,11 @@ class Holdout:
             "validation_images": len(out) + len(set(validation_keys)),
         }
 
-    def no_training_image(self, n_images: int, where: str = "") -> str:
+    def no_training_image(self, n_images: int, what: str = "valid") -> str:
         """The config error of a split that leaves no image to train on."""
         return (
             f"{self.key}: {self.split!r} leaves no training image (the dataset has {n_images} "
-            f"valid image(s){where}): hold out fewer"
+            f"{what} image(s)): hold out fewer"
         )
 
 
@@ -139,13 +139,13 @@ def listing_problem(holdout: Holdout, relpaths: Sequence[str]) -> str | None:
         return None
     if isinstance(holdout.split, int):
         if holdout.split >= len(relpaths):
-            return holdout.no_training_image(len(relpaths), " listed")
+            return holdout.no_training_image(len(relpaths), "listed")
         return None
     from .shards import sample_key  # PIL: only when a dataset has a fractional split
 
     keys = [sample_key(r) for r in relpaths]
     if len(holdout.held_out(keys)) == len(keys):
-        return holdout.no_training_image(len(keys), " listed")
+        return holdout.no_training_image(len(keys), "listed")
     return None
 
 

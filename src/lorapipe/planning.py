@@ -31,6 +31,7 @@ from .captions import SIDECAR_EXTENSIONS, read_overrides
 from .config import resolve_run
 from .demo import demo_files
 from .families import Family, family_named, family_of
+from .holdout import Holdout, listing_problem
 from .images import IMAGE_EXTENSIONS
 from .manifest import list_images, shard_of
 
@@ -162,6 +163,7 @@ class Planner:
         self._by_shard: dict[str, dict[int, list[str]]] = {}
         self._overrides: dict[str, dict[str, str]] = {}
         self._model_files: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        self._sweeps: dict[str, list[tuple[str, dict]]] | None = None
 
     # Datasets and shards
 
@@ -336,19 +338,22 @@ class Planner:
 
     # Runs
 
-    def latent_dtype(self, run: str) -> str:
-        """Stored dtype of a run's latent cache: bf16 when the run trains in bf16 (or asked)."""
+    def latent_dtype(self, run: str, dataset: str | None = None) -> str:
+        """Stored dtype of a run's latent cache (of ``dataset``, default the run's): bf16 when
+        the run trains in bf16 (or the dataset asks for a dtype)."""
         r = self.runs[run]
-        want = self.dataset_settings(r.dataset)["latent_dtype"]
+        want = self.dataset_settings(dataset or r.dataset)["latent_dtype"]
         if want != "auto":
             return want
         return "bfloat16" if r.mixed_precision == "bf16" else "float32"
 
-    def latent_dir(self, run: str) -> str:
-        """The latent cache a run reads: shared by every run of one model, resolution, dtype."""
+    def latent_dir(self, run: str, dataset: str | None = None) -> str:
+        """The latent cache a run reads (of ``dataset``, default the run's): shared by every
+        run of one model, resolution, dtype."""
         r = self.runs[run]
-        res = self.dataset_settings(r.dataset)["resolution"]
-        return f"results/{r.dataset}/latents/{r.base_model}-{res}-{self.latent_dtype(run)}"
+        ds = dataset or r.dataset
+        res = self.dataset_settings(ds)["resolution"]
+        return f"results/{ds}/latents/{r.base_model}-{res}-{self.latent_dtype(run, ds)}"
 
     def run_dataset(self, run: str) -> str:
         """The dataset a run trains on."""
@@ -383,11 +388,60 @@ class Planner:
     def run_context(self, run: str, libraries: Mapping[str, Any]) -> dict[str, Any]:
         """What a run's config.yaml records besides its own settings."""
         r = self.runs[run]
-        return {
+        out = {
             "dataset": {"name": r.dataset, **self.dataset_settings(r.dataset)},
             "base_model": {"name": r.base_model, **self.models[r.base_model]},
             "libraries": dict(libraries),
         }
+        sweep = self.run_sweep(run)
+        if sweep is not None:  # MLflow tag lorapipe.sweep (live and tracked)
+            out["sweep"] = sweep
+        return out
+
+    # Validation (lorapipe.holdout) and sweeps (lorapipe.sweeps)
+
+    def holdout(self, run: str) -> Holdout:
+        """A run's validation images: its dataset's validation_split or validation_dataset."""
+        ds = self.runs[run].dataset
+        return Holdout.of(ds, self.dataset_settings(ds))
+
+    def run_val_latents(self, run: str) -> list[str]:
+        """The validation dataset's latent shards (the run's model and dtype); none for a split
+        (its images are in the run's own latent shards)."""
+        val = self.holdout(run).dataset
+        if val is None:
+            return []
+        return [f"{self.latent_dir(run, val)}/{s}.tar" for s in self.shard_ids(val)]
+
+    def run_val_latent_sidecars(self, run: str) -> list[str]:
+        return [f"{tar}.sha256" for tar in self.run_val_latents(run)]
+
+    def run_val_manifest(self, run: str) -> list[str]:
+        """The validation dataset's merged manifest (in the run's fingerprint), or none."""
+        val = self.holdout(run).dataset
+        return [f"results/{val}/manifest.jsonl"] if val is not None else []
+
+    def holdout_problems(self) -> list[str]:
+        """Splits that hold out every listed image of a dataset some run trains on."""
+        out = []
+        for ds in dict.fromkeys(r.dataset for r in self.runs.values()):
+            h = Holdout.of(ds, self.dataset_settings(ds))
+            problem = listing_problem(h, self.images(ds)) if h.split is not None else None
+            if problem:
+                out.append(problem)
+        return out
+
+    def sweeps(self) -> dict[str, list[tuple[str, dict]]]:
+        """``{sweep: [(run, swept values)]}``, in table order."""
+        if self._sweeps is None:
+            from .sweeps import sweep_runs
+
+            self._sweeps = sweep_runs(self.config)
+        return self._sweeps
+
+    def run_sweep(self, run: str) -> str | None:
+        """The sweep a run was made by, or None."""
+        return next((s for s, rows in self.sweeps().items() if run in dict(rows)), None)
 
     def train_processes(self, run: str) -> int:
         """num_processes as an int; `auto` (one per GPU the job gets) counts as 1 at plan time."""
@@ -409,6 +463,9 @@ class Planner:
                 f"results/runs/{run}/samples.png",
                 f"results/runs/{run}/mlflow.json",
             ]
+            if self.holdout(run).active:
+                out.append(f"results/runs/{run}/best")
+        out += [f"results/sweeps/{s}/runs.csv" for s in self.sweeps()]
         for ds in dict.fromkeys(r.dataset for r in self.runs.values()):
             out += [f"results/{ds}/manifest.jsonl", f"results/{ds}/rejected.tsv"]
         return out

@@ -21,9 +21,13 @@ from .io import atomic_write_text
 
 
 def write_run_config(
-    run: dict, context: dict, code: str, manifest: str, model_path: str, out: str | os.PathLike
+    run: dict, context: dict, code: str, manifest: str, model_path: str, out: str | os.PathLike,
+    val_manifest: str | None = None,
 ) -> str:
-    """Write config.yaml; returns the run fingerprint."""
+    """Write config.yaml; returns the run fingerprint. ``val_manifest``: the manifest of the
+    dataset's validation_dataset (in the fingerprint, and counted in ``validation``)."""
+    from .holdout import config_block
+
     fps = {
         "config": digest({"run": run, **{k: v for k, v in context.items() if k != "libraries"}}),
         "dataset_manifest": file_digest([manifest]),
@@ -31,8 +35,13 @@ def write_run_config(
         "code": code,
         "libraries": digest(context["libraries"]),
     }
+    if val_manifest:
+        fps["validation_manifest"] = file_digest([val_manifest])
     fps["run"] = digest(fps)
     doc = {"run": run, **context, "fingerprints": fps, "git": git_state(REPO_ROOT_GUESS)}
+    block = config_block(context["dataset"], manifest, val_manifest)  # images on each side
+    if block:
+        doc["validation"] = block
     atomic_write_text(out, yaml.safe_dump(doc, sort_keys=True, allow_unicode=True))
     return fps["run"]
 
@@ -206,6 +215,8 @@ def run_tags(doc: dict) -> dict[str, str]:
     tags = {k.replace("lorapipe.lorapipe_", "lorapipe."): v for k, v in tags.items()}
     tags["mlflow.source.git.commit"] = str(doc.get("git", {}).get("commit", "unknown"))
     tags["lorapipe.git_dirty"] = str(doc.get("git", {}).get("dirty", False))
+    if doc.get("sweep"):  # the runs of a sweep share it (filter: tags.lorapipe.sweep = '…')
+        tags["lorapipe.sweep"] = str(doc["sweep"])
     return tags
 
 
@@ -221,11 +232,14 @@ def train_run(
     out_dir: str,
     checkpoints: str,
     mlflow: dict | None = None,
+    val_latents: list[str] = (),
 ) -> dict:
     """The train stage: train the run of ``config_yaml``; exported files carry
     `file_metadata`. Live MLflow metrics when ``mlflow`` (``uri``, ``experiment``, ``live``,
     ``live_every_steps``, ``live_every_s``: the `mlflow:` config block) has ``live`` on.
+    ``val_latents``: the latent shards of the dataset's validation_dataset, if it has one.
     """
+    from .holdout import train_spec
     from .live_tracking import LiveTracker
     from .mlflow_store import tracking_uri
     from .train import train
@@ -249,6 +263,7 @@ def train_run(
         run, latents, model_path, out_dir, checkpoints, fingerprint,
         tracker=tracker, export_meta=file_metadata(doc, model_path),
         original_config=doc["base_model"].get("original_config"),
+        validation=train_spec(doc, val_latents),
     )  # fmt: skip
 
 
@@ -261,6 +276,8 @@ def track_run(inputs, uri: str | None, experiment: str, out_json: str) -> str:
     summary = json.loads(Path(inputs.summary).read_text())
     tags = run_tags(doc)
     tags.update({f"summary.{k}": str(v) for k, v in summary.items()})
+    best = {k: summary[k] for k in ("best_step", "best_val_loss") if summary.get(k) is not None}
+    tags.update({f"lorapipe.{k}": str(v) for k, v in best.items()})
     artifacts = [
         inputs.config, inputs.lora, inputs.kohya, inputs.samples, inputs.loss, inputs.metrics
     ]  # fmt: skip
@@ -274,4 +291,5 @@ def track_run(inputs, uri: str | None, experiment: str, out_json: str) -> str:
         run_id=summary.get("mlflow_run_id"), dataset=dataset,
         artifact_dirs={"samples": str(inputs.step_samples)} if "step_samples" in inputs.keys()
         else None,  # the sample grid of each saved step (rule sample_steps)
+        summary_metrics=(best, summary.get("steps")) if best else None,
     )  # fmt: skip

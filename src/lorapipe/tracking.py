@@ -155,6 +155,17 @@ def _log_metrics(run: OpenedRun, metrics_jsonl: str | os.PathLike) -> None:
         run.client.log_batch(run.run_id, metrics=batch[i : i + 1000])
 
 
+def _log_record(run: OpenedRun, record: dict) -> None:
+    """One metrics record's points (`metric_points`) that ``run`` does not have yet."""
+    from mlflow.entities import Metric
+
+    points, _ = metric_points(record, int(time.time() * 1000))
+    have = run.logged_steps({k for k, *_ in points})
+    new = [Metric(k, v, ts, s) for k, s, v, ts in points if (k, s) not in have]
+    if new:
+        run.client.log_batch(run.run_id, metrics=new)
+
+
 def _log_artifacts(
     run: OpenedRun, artifacts: list[str], artifact_dirs: dict[str, str] | None
 ) -> None:
@@ -187,6 +198,7 @@ def log_run(
     run_id: str | None = None,
     dataset=None,
     artifact_dirs: dict[str, str] | None = None,
+    summary_metrics: tuple[dict[str, float], int] | None = None,
 ) -> str:
     """Log one finished run; reuse the MLflow run of the same fingerprint if one exists.
 
@@ -202,6 +214,8 @@ def log_run(
         dataset: an MLflow ``DatasetInput`` (see `dataset_input`), logged once per run.
         artifact_dirs: ``{artifact path: local folder}``: each folder's files (not hidden ones)
             logged under that path (``{"samples": ".../samples"}``: the per-step sample grids).
+        summary_metrics: ``({name: value}, step)``: metrics of the whole run (``best_step``,
+            ``best_val_loss``), logged once at that step (the last one).
 
     Returns:
         The MLflow run id (also written to ``out_json`` with the URI and experiment id).
@@ -215,6 +229,8 @@ def log_run(
         if dataset is not None:
             run.client.log_inputs(run.run_id, datasets=[dataset])  # the store de-duplicates
         _log_metrics(run, metrics_jsonl)
+        if summary_metrics:
+            _log_record(run, {**summary_metrics[0], "step": summary_metrics[1]})
         _log_artifacts(run, artifacts, artifact_dirs)
     except BaseException:
         with contextlib.suppress(Exception):  # keep the original error, not a second one

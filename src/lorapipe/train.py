@@ -202,7 +202,8 @@ def _train(job: Job, tracker, export_meta: dict, dist: distributed.Dist) -> dict
         while st.step < st.plan.total_steps:
             epoch, micro = step_micro_batches(st.samples, job.run, dist.world, st.plan, st.step)
             taken = _optimizer_step(st, epoch, micro)
-            validation.after_step(st, taken.record)  # val_loss into the step's record
+            if validation.after_step(st, taken.record):  # val_loss into the step's record
+                _export_step(st, *_lora_states(st))  # a new best step that is no checkpoint
             if pending is not None:  # the last step's loss, read while this one runs
                 _record(st, pending, t_loop)
             pending = taken

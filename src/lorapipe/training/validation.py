@@ -10,6 +10,8 @@ What makes it comparable:
 - the latent mean (no latent sample), the caption as written (no variant, no dropout), no noise
   offset, the plain mean squared error of the model's target (no min-SNR weighting), in eval
   mode (no LoRA dropout);
+- batches of ``batch_size`` images × their timesteps (no gradients are kept, so this fits
+  where a training batch fits), one bucket size a batch;
 - evaluated every ``val_every_steps`` steps (default: at each ``save_steps`` checkpoint) and at
   the last step, right after the optimizer step, on rank 0. The value goes into that step's
   metrics record (``val_loss``), so checkpoints keep it and a resumed run reports what an
@@ -18,7 +20,8 @@ What makes it comparable:
 It never changes what trains: it reads the LoRA under ``no_grad`` on the eager UNet (never the
 compiled one, so no recompiles), with the global RNG state forked and put back, and modules put
 back into their training mode. The best step (lowest ``val_loss``, the earliest of equals) gets
-its export written when it is not a checkpoint step already (`lorapipe.train._export_step`).
+its export written when it is not a checkpoint step already (`after_step` says so; the loop
+writes it).
 """
 
 from __future__ import annotations
@@ -87,12 +90,13 @@ def due(st, step: int) -> bool:
     return step % every == 0 or step == st.plan.total_steps
 
 
-def after_step(st, record: dict) -> None:
+def after_step(st, record: dict) -> bool:
     """After optimizer step ``st.step``: its validation loss into ``record`` (its metrics line)
-    when it is due; the best step's export when it has none yet."""
+    when it is due. True when the step is a new best that gets no checkpoint export: the loop
+    exports it then."""
     v = st.val
     if v is None or not st.dist.main or not due(st, st.step):
-        return
+        return False
     for m in st.metrics:  # restored from a checkpoint, or recorded earlier
         if "val_loss" in m:
             v.losses.setdefault(m["step"], m["val_loss"])
@@ -107,10 +111,7 @@ def after_step(st, record: dict) -> None:
              " | best so far" if v.best() == (st.step, loss) else "")  # fmt: skip
     new_best = v.best() == (st.step, loss) and before != v.best()
     checkpointed = st.step % st.plan.save_steps == 0 or st.step == st.plan.total_steps
-    if new_best and not checkpointed:
-        from ..train import _export_step, _lora_states
-
-        _export_step(st, *_lora_states(st))
+    return new_best and not checkpointed
 
 
 def fixed_draws(key: str, shape: tuple, num_timesteps: int):
@@ -190,7 +191,8 @@ def evaluate(st, samples: list) -> float:
         for m in modules:
             m.eval()
         try:
-            for items in _batches(samples, st.job.run.batch_size):
+            # no grad: room for every timestep of batch_size images at once
+            for items in _batches(samples, st.job.run.batch_size * VAL_TIMESTEPS):
                 b = device_batch(_host_batch(samples, items, st.recipe, draws), st.recipe, dev)
                 with st.device.autocast():
                     cond = b.cond
