@@ -428,15 +428,13 @@ def _save_checkpoint(st: State) -> None:
 
 def _export_step(st: State, lora: dict, te: list[dict]) -> None:
     """Both export layouts of this step (also the best step's, `training.validation`)."""
-    from .export import export_checkpoint
+    from .export import export_checkpoint, train_metadata
     from .models import adapter_metadata
 
     meta = st.file_meta()
-    meta.update(
-        ss_steps=str(st.step),
-        ss_epoch=str(math.ceil(st.step / st.plan.steps_per_epoch)),
-        ss_num_epochs=str(st.plan.epochs),
-    )
+    facts = {**_facts(st), "steps": st.step, "finished_at": time.time(),
+             "epoch": math.ceil(st.step / st.plan.steps_per_epoch)}  # fmt: skip
+    meta.update(train_metadata(facts, st.job.run.to_dict()))
     te1, te2 = _te_states(te)
     export_checkpoint(
         lora, adapter_metadata(st.model.lora_cfg), st.layout.export(st.step),
