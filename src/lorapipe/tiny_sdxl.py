@@ -49,7 +49,7 @@ def _tiny_unet(seed: int):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32),  # SDXL's block layout at toy widths
         layers_per_block=2,
         sample_size=8,
         in_channels=4,
@@ -58,12 +58,12 @@ def _tiny_unet(seed: int):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
         cross_attention_dim=TE1_HIDDEN + TE2_HIDDEN,
-        attention_head_dim=(4, 8),
+        attention_head_dim=(2, 4),  # heads per level (diffusers' name), head size 8
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TE2_PROJECTION,
-        norm_num_groups=16,
+        norm_num_groups=8,
     )
 
 
