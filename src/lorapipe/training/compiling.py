@@ -40,8 +40,9 @@ def _warm_up_passes(st, forward, shapes: list[list[int]]) -> None:
     for batch in shapes:
         z = torch.stack([st.samples[i]["mean"].float() * st.model.scaling for i in batch]).to(dev)
         cond = {n: torch.stack([st.samples[i][n].float() for i in batch]).to(dev) for n in names}
-        if st.model.trains_text:  # as in training, where cond comes from the trained encoder
-            cond["text"].requires_grad_(True)
+        if st.model.trains_text:  # as in training, where cond comes from the trained encoders
+            for v in cond.values():  # (SDXL's pooled text_embeds too: no recompile at step 1)
+                v.requires_grad_(True)
         timesteps = torch.full((len(batch),), t_mid, device=dev, dtype=torch.long)
         added = st.family.added_cond(cond, [st.samples[i]["meta"] for i in batch], dev)
         kwargs = {"added_cond_kwargs": added} if added is not None else {}
