@@ -48,8 +48,47 @@ SD15_UNET = {
     "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 }
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json): 2.57 B
+# parameters; cross-attention on 2048-wide text, added conditioning of pooled text + 6 size ids
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
+ARCHS = {"sd15": (SD15_UNET, 768, "SD-1.5"), "sdxl": (SDXL_UNET, 2048, "SDXL")}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TOKENS = 77
+
+
+def inputs(arch: str, b: int, s: int, device: str, g=None) -> tuple:
+    """(noisy latents, timesteps, text, UNet keyword arguments) of a batch for ``arch``."""
+    import torch
+
+    def rnd(*shape):
+        return (
+            torch.randn(*shape, generator=g).to(device)
+            if g is not None
+            else torch.randn(*shape, device=device)
+        )
+
+    x, cond = rnd(b, 4, s, s), rnd(b, TEXT_TOKENS, ARCHS[arch][1])
+    t = torch.randint(0, 1000, (b,), generator=g) if g is not None else torch.full((b,), 500)
+    kw = {}
+    if arch == "sdxl":  # pooled text (1280) and original size, crop, target size (8 px / latent)
+        ids = torch.tensor([[8 * s, 8 * s, 0, 0, 8 * s, 8 * s]] * b, dtype=torch.float32)
+        kw["added_cond_kwargs"] = {"text_embeds": rnd(b, 1280), "time_ids": ids.to(device)}
+    return x, t.to(device), cond, kw
 
 
 # ---------------------------------------------------------------- child (one configuration)
@@ -75,13 +114,13 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def build(lora_rank: int, device: str = "cpu"):
+def build(lora_rank: int, device: str = "cpu", arch: str = "sd15"):
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(SD15_UNET)
+        unet = UNet2DConditionModel.from_config(ARCHS[arch][0])
     unet.requires_grad_(False)
     torch.manual_seed(0)
     unet.add_adapter(
@@ -95,17 +134,14 @@ def build(lora_rank: int, device: str = "cpu"):
     return unet
 
 
-def count_flops(latent: int, lora_rank: int) -> float:
+def count_flops(latent: int, lora_rank: int, arch: str = "sd15") -> float:
     """FLOPs of one fwd+bwd LoRA step per sample (meta device: shapes only, no compute)."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = build(lora_rank, "meta")
-    x = torch.randn(1, 4, latent, latent, device="meta")
-    cond = torch.randn(1, TEXT_TOKENS, 768, device="meta")
-    t = torch.tensor([500], device="meta")
+    unet = build(lora_rank, "meta", arch)
+    x, t, cond, kw = inputs(arch, 1, latent, "meta")
     with FlopCounterMode(display=False) as fc:
-        unet(x, t, cond, return_dict=False)[0].float().pow(2).mean().backward()
+        unet(x, t, cond, return_dict=False, **kw)[0].float().pow(2).mean().backward()
     return float(fc.get_total_flops())
 
 
@@ -118,7 +154,8 @@ def child(cfg: dict) -> dict:
     device = cfg["device"]
     cuda = device == "cuda"
     t0 = time.perf_counter()
-    unet = build(cfg["lora_rank"])
+    arch = cfg.get("arch", "sd15")
+    unet = build(cfg["lora_rank"], arch=arch)
     amp = torch.bfloat16 if cfg["precision"] == "bf16" else None
     if amp is not None:  # as lorapipe.train: frozen weights in the AMP dtype, LoRA in fp32
         for p in unet.parameters():
@@ -131,10 +168,8 @@ def child(cfg: dict) -> dict:
 
     b, s = cfg["batch"], cfg["latent"]
     g = torch.Generator().manual_seed(1)
-    noisy = torch.randn(b, 4, s, s, generator=g).to(device)
+    noisy, timesteps, cond, kw = inputs(arch, b, s, device, g)
     target = torch.randn(b, 4, s, s, generator=g).to(device)
-    cond = torch.randn(b, TEXT_TOKENS, 768, generator=g).to(device)
-    timesteps = torch.randint(0, 1000, (b,), generator=g).to(device)
     forward = torch.compile(unet) if cfg["compile"] else unet
 
     fwd_times = []
@@ -142,7 +177,7 @@ def child(cfg: dict) -> dict:
     def step() -> float:
         t = time.perf_counter()
         with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
-            pred = forward(noisy, timesteps, cond, return_dict=False)[0]
+            pred = forward(noisy, timesteps, cond, return_dict=False, **kw)[0]
         fwd_times.append(time.perf_counter() - t)  # (CUDA: launch time unless compiling)
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
@@ -194,16 +229,16 @@ def child(cfg: dict) -> dict:
 
 
 # ---------------------------------------------------------------- parent
-def cached_flops(latent: int, lora_rank: int) -> float:
+def cached_flops(latent: int, lora_rank: int, arch: str = "sd15") -> float:
     """count_flops, remembered in bench/out/flops.json (it costs a diffusers import and a trace)."""
     import diffusers
     import torch
 
     path = out_dir() / "flops.json"
-    key = f"sd15-unet:{latent}:{lora_rank}:{torch.__version__}:{diffusers.__version__}"
+    key = f"{arch}-unet:{latent}:{lora_rank}:{torch.__version__}:{diffusers.__version__}"
     known = json.loads(path.read_text()) if path.exists() else {}
     if key not in known:
-        known[key] = count_flops(latent, lora_rank)
+        known[key] = count_flops(latent, lora_rank, arch)
         path.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
     return known[key]
 
@@ -235,6 +270,7 @@ def run_child(cfg: dict, timeout: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="sd15", help="UNet architecture")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (CPU: slow)")
     ap.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled runs")
     ap.add_argument("--latent", type=int, default=None, help="latent side (CPU 16, CUDA 64)")
@@ -263,16 +299,19 @@ def main() -> None:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = device == "cuda"
-    latent = args.latent or (64 if cuda else 16)
-    batches = [int(x) for x in (args.batch or ("1,4,8" if cuda else "1")).split(",")]
+    xl = args.arch == "sdxl"  # SDXL: 1024 px (128x128 latents) on a GPU, batch 1/2/4
+    latent = args.latent or ((128 if xl else 64) if cuda else 16)
+    batches = [
+        int(x) for x in (args.batch or (("1,2,4" if xl else "1,4,8") if cuda else "1")).split(",")
+    ]
     precisions = (args.precision or ("bf16" if cuda else "fp32,bf16")).split(",")
     compiled = args.compile or (cuda and not args.no_compile)
     steps = args.steps or (20 if cuda else 6)
 
     t = time.perf_counter()
-    flops = cached_flops(latent, args.lora_rank)
+    flops = cached_flops(latent, args.lora_rank, args.arch)
     print(
-        f"SD-1.5 UNet LoRA r={args.lora_rank} step at {latent}x{latent} latents: "
+        f"{ARCHS[args.arch][2]} UNet LoRA r={args.lora_rank} step at {latent}x{latent} latents: "
         f"{flops / 1e12:.3f} TFLOP per sample (counted in {time.perf_counter() - t:.1f} s); "
         f"device {device}, torch threads {torch.get_num_threads()}",
         flush=True,
@@ -299,6 +338,7 @@ def main() -> None:
                         "steps": steps,
                         "warmup": args.warmup,
                         "lora_rank": args.lora_rank,
+                        "arch": args.arch,
                     }
                     name = f"b{batch} {precision} {mode}"
                     if mode == "compile":
@@ -356,7 +396,8 @@ def main() -> None:
     if not compiled:
         print("torch.compile: not measured (opt in with --compile; minutes on a small CPU)")
     # default CPU run: bench_train_step.json; CPU with --compile: bench_train_step_compile.json
-    name = "bench_train_step" + ("_cuda" if cuda else "_compile" if compiled else "")
+    name = "bench_train_step" + ("_sdxl" if xl else "")
+    name += "_cuda" if cuda else "_compile" if compiled else ""
     write_result(
         name,
         {
@@ -364,7 +405,8 @@ def main() -> None:
             "latent": latent,
             "flops_per_sample": flops,
             "peak_tflops": args.peak_tflops if cuda else None,
-            "unet_config": SD15_UNET,
+            "arch": args.arch,
+            "unet_config": ARCHS[args.arch][0],
             "lora_targets": LORA_TARGETS,
             "results": results,
         },
