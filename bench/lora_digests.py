@@ -3,8 +3,9 @@ configs on the tiny model: recorded before a refactor of the training stage and 
 it (``python bench/lora_digests.py OUT.json`` with the old and the new code on PYTHONPATH).
 
 Both the exported diffusers file and the raw LoRA state of the last checkpoint are digested: an
-export-format change alters the first only. Configs cover the code paths of the loop: plain, gradient accumulation + min-SNR + noise offset +
-caption dropout + LoRA dropout, text-encoder LoRA, bf16 autocast, v-prediction, and a resume.
+export-format change alters the first only. Configs cover the code paths of the loop: plain,
+gradient accumulation + min-SNR + noise offset + caption dropout + LoRA dropout + cosine
+schedule, text-encoder LoRA, bf16 autocast, and a resume.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ EMPTY_KEY = "__empty__"
 TEXT_PREFIX = "__text__"  # + a digest of the caption: its text-encoder outputs, once per shard
 REQUIRED_TENSORS = ("mean", "logvar")
 DEFAULT_RAM_MB = 2048
+# Streamed, what is kept decoded: the text members many samples share (one per distinct
+# caption) and the last samples read (a batch reads mean, logvar and text of each).
+TEXT_LRU_BYTES = 128 * 2**20
+SAMPLE_LRU_BYTES = 64 * 2**20
 
 
 def text_ref(prompt: str) -> str:
@@ -95,10 +99,16 @@ def _header(tar: _Tar, name: str) -> dict:
 
 
 class _LRU:
-    """A thread-safe least-recently-used map of decoded members."""
+    """A thread-safe least-recently-used map of decoded members, bounded by the bytes of the
+    tensors it holds (not by a count: one caption's SDXL outputs are 13x an SD-1.5 latent's)."""
 
-    def __init__(self, size: int):
-        self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.data, self.lock = OrderedDict(), threading.Lock()
+
+    @staticmethod
+    def _size(value: dict) -> int:
+        return sum(t.numel() * t.element_size() for t in value.values())
 
     def get(self, key, make):
         with self.lock:
@@ -107,9 +117,12 @@ class _LRU:
                 return self.data[key]
         value = make()
         with self.lock:
-            self.data[key] = value
-            while len(self.data) > self.size:
-                self.data.popitem(last=False)
+            if key not in self.data:
+                self.data[key] = value
+                self.bytes += self._size(value)
+            while self.bytes > self.max_bytes and len(self.data) > 1:
+                _, old = self.data.popitem(last=False)
+                self.bytes -= self._size(old)
         return value
 
 
@@ -168,8 +181,8 @@ class LatentCache:
         self.size_bytes = total
         self.in_memory = ram_mb is None or total <= ram_mb * 2**20
         self._tars: list[_Tar] = []
-        self._texts = _LRU(4096)
-        self._recent = _LRU(256)
+        self._texts = _LRU(TEXT_LRU_BYTES)
+        self._recent = _LRU(SAMPLE_LRU_BYTES)
         self.empty: dict | None = None
         samples: list[Sample] = []
         for p in self.paths:
