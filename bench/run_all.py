@@ -26,7 +26,6 @@ BENCHMARKS = {
     "train_step": ([], ["--steps", "2", "--precision", "fp32"]),
     "dag": ([], ["--images", "1000", "--repeats", "1", "--skip-imports"]),
     "datawait": ([], ["--quick"]),
-    "fixed_cost": (["--rounds", "1"], ["--rounds", "1"]),
 }
 
 

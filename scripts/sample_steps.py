@@ -1,0 +1,28 @@
+import json
+
+import torch
+
+from lorapipe.io import localized
+from lorapipe.logs import setup
+from lorapipe.runs import read_run_config
+from lorapipe.sampling import render_step_grids
+from lorapipe.training.checkpoints import Layout
+
+log = setup(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+i, p = snakemake.input, snakemake.params
+run, fingerprint = read_run_config(i.config)
+doc = read_run_config(i.config, context=True)
+summary = json.loads(open(i.summary).read())
+render_step_grids(
+    localized(p.model_path, i),
+    Layout.of_summary(p.checkpoints, fingerprint, summary).exports,
+    list(run.validation_prompts),
+    snakemake.output[0],
+    i.samples,
+    summary["steps"],
+    run.validation_steps,
+    doc["dataset"]["resolution"],
+    run.seed,
+    doc["base_model"].get("original_config"),
+)
