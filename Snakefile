@@ -4,8 +4,12 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+# The shipped demo (config/config.yaml) is read only when no config given on the command line
+# names runs: `snakemake --configfile mine.yaml` plans your runs alone, not the demo's jobs too.
+# Both: `--configfile config/config.yaml mine.yaml`. See README "Your own images".
+if not config.get("runs"):
 
-configfile: "config/config.yaml"
+    configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
@@ -15,7 +19,7 @@ include: "rules/caption.smk"
 include: "rules/shard.smk"
 include: "rules/encode.smk"
 include: "rules/train.smk"
-include: "rules/sample_steps.smk"
+include: "rules/sample.smk"
 include: "rules/track.smk"
 include: "rules/validation.smk"
 

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "train_step": ([], ["--steps", "2", "--precision", "fp32"]),
     "dag": ([], ["--images", "1000", "--repeats", "1", "--skip-imports"]),
     "datawait": ([], ["--quick"]),
+    "fixed_cost": (["--rounds", "1"], ["--rounds", "1"]),
 }
 
 

@@ -18,6 +18,7 @@ from lorapipe import config as lpconfig
 from lorapipe.demo import demo_files
 from lorapipe.fingerprint import script_code, versions
 from lorapipe.images import pil_identity
+from lorapipe.io import integrity_param
 from lorapipe.planning import Planner
 
 try:
@@ -123,6 +124,16 @@ def get_encode_model_files(wildcards):
     return model_files(wildcards.model, PLAN.latent_parts(wildcards.model))
 
 
+def latent_integrity(dataset):
+    """The integrity param (lorapipe.io) of every latent shard one encode job writes."""
+    checks = [integrity_param(tar, workflow) for tar in PLAN.latent_tars(dataset)]
+
+    def integrity(wildcards):
+        return [check(wildcards) for check in checks]
+
+    return integrity
+
+
 def get_model_path(wildcards):
     return PLAN.model_path(wildcards.model)
 
@@ -177,6 +188,10 @@ def get_run_settings(wildcards):
 
 def get_run_context(wildcards):
     return PLAN.run_context(wildcards.run, {**LIBS_TORCH, "pil": LIBS_IMAGE})
+
+
+def get_track_inputs(wildcards):
+    return PLAN.track_inputs(wildcards.run)
 
 
 def get_mlflow_uri(wildcards):

@@ -1,14 +1,8 @@
 rule track:
-    """Log the run to MLflow: params, step metrics, artifacts, fingerprints."""
+    """Log the run to MLflow: params, step metrics, artifacts (the sample grids when the run has
+    them), fingerprints."""
     input:
-        config="results/runs/{run}/config.yaml",
-        metrics="results/runs/{run}/metrics.jsonl",
-        lora="results/runs/{run}/pytorch_lora_weights.safetensors",
-        kohya="results/runs/{run}/{run}.safetensors",
-        samples="results/runs/{run}/samples.png",
-        loss="results/runs/{run}/loss.png",
-        summary="results/runs/{run}/train_summary.json",
-        step_samples="results/runs/{run}/samples",
+        unpack(get_track_inputs),
     output:
         "results/runs/{run}/mlflow.json",
     log:

@@ -85,29 +85,3 @@ rule export:
         code=script_code("export"),
     script:
         "../scripts/export.py"
-
-
-rule sample:
-    """Sample grid: validation prompts with the base model (top) and with the LoRA (bottom)."""
-    input:
-        lora="results/runs/{run}/pytorch_lora_weights.safetensors",
-        config="results/runs/{run}/config.yaml",
-        model=get_run_model_files,
-    output:
-        report(
-            "results/runs/{run}/samples.png",
-            caption="../report/samples.rst",
-            category="Runs",
-            subcategory="{run}",
-            labels={"run": "{run}", "figure": "sample grid"},
-        ),
-    log:
-        "logs/sample/{run}.log",
-    conda:
-        ENV
-    threads: 2
-    params:
-        model_path=get_run_model_path,
-        code=script_code("sample"),
-    script:
-        "../scripts/sample.py"

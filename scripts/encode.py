@@ -1,21 +1,20 @@
-import torch
-
 from lorapipe.captions import VariantSettings
-from lorapipe.latents import encode_shard
 from lorapipe.io import localized
+from lorapipe.latent_folder import encode_folder
 from lorapipe.logs import setup
 
 log = setup(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
-p = snakemake.params
-i = snakemake.input
-encode_shard(
-    i.tar,
+p, i, o = snakemake.params, snakemake.input, snakemake.output
+encode_folder(
+    list(i.tars),
+    list(o.tars),
     localized(p.model_path, i),
-    snakemake.output.tar,
-    p.batch_size,
-    p.dtype,
-    checksum=True,
+    list(i.model),
+    p.cache,
+    batch_size=p.batch_size,
+    dtype=p.dtype,
     original_config=localized(p.original_config, i),
     variants=VariantSettings(**p.variants),
+    identity={"code": p.code, "libs": p.libs},
+    threads=snakemake.threads,
 )

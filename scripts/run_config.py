@@ -1,4 +1,7 @@
+import os
+
 from lorapipe.logs import setup
+from lorapipe.mlflow_store import ensure_sqlite_store, tracking_uri
 from lorapipe.runs import write_run_config
 
 log = setup(snakemake.log[0])
@@ -8,3 +11,7 @@ fp = write_run_config(
     snakemake.output[0], val_manifest=(list(snakemake.input.val_manifest) or [None])[0],
 )
 log.info("run %s: fingerprint %s", p.run["name"], fp)
+# A new sqlite MLflow store is made here, beside the data stages, not while train runs its first
+# steps (the URI is read from the config, not a param: where runs are logged restales no run).
+if ensure_sqlite_store(tracking_uri(snakemake.config["mlflow"]["tracking_uri"], os.getcwd())):
+    log.info("created the MLflow store")

@@ -1,19 +1,27 @@
+import json
+
 import torch
 
 from lorapipe.io import localized
 from lorapipe.logs import setup
 from lorapipe.runs import read_run_config
-from lorapipe.sampling import render_samples
+from lorapipe.sampling import render_run_samples
+from lorapipe.training.checkpoints import Layout
 
 log = setup(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
-run, _ = read_run_config(snakemake.input.config)
-doc = read_run_config(snakemake.input.config, context=True)
-render_samples(
-    localized(snakemake.params.model_path, snakemake.input),
-    snakemake.input.lora.rsplit("/", 1)[0],
+i, o, p = snakemake.input, snakemake.output, snakemake.params
+run, fingerprint = read_run_config(i.config)
+doc = read_run_config(i.config, context=True)
+summary = json.loads(open(i.summary).read())
+render_run_samples(
+    localized(p.model_path, i),
+    i.lora.rsplit("/", 1)[0],
+    Layout.of_summary(p.checkpoints, fingerprint, summary).exports,
     list(run.validation_prompts),
-    snakemake.output[0],
+    o.grid,
+    o.steps,
+    summary["steps"],
     run.validation_steps,
     doc["dataset"]["resolution"],
     run.seed,

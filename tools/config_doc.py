@@ -52,13 +52,22 @@ def _default(spec: dict) -> str:
     return f"`{json.dumps(spec['default'])}`"
 
 
+def _top_level_switches(schema: dict) -> dict:
+    """Top-level keys that are plain values (not blocks such as mlflow: or runs:)."""
+    props = schema["properties"].items()
+    return {"properties": {k: v for k, v in props if v.get("type") not in ("object", None)}}
+
+
 def render() -> str:
     schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
     out = [HEAD]
-    for _prefix, title, path in SECTIONS:
-        node = schema
-        for p in path:
+    sections = [*SECTIONS, ("", "Other top-level keys", None)]
+    for _prefix, title, path in sections:
+        node = schema if path else _top_level_switches(schema)
+        for p in path or ():
             node = node[p]
+        if not node.get("properties"):
+            continue
         out.append(f"## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|\n")
         required = set(node.get("required", []))
         for key, spec in node.get("properties", {}).items():

@@ -10,6 +10,7 @@ hand, so a new or split module is covered the moment something imports it.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -243,26 +244,55 @@ def cached_sha256(path: str | os.PathLike) -> str:
     single-file checkpoint once per shard would cost more than encoding. Entries live in
     ``$LORAPIPE_CACHE/sha256/`` (default ``~/.cache/lorapipe``), one small file each, written
     atomically, so concurrent jobs never corrupt them; a missing or unreadable cache only costs
-    a re-hash.
+    a re-hash. Jobs that need the same file at the same time (run_config and encode on a fresh
+    base model) hash it once: the others wait for the first one's entry (`_hashing`).
     """
     from .io import atomic_write_text, sha256_file
 
     st = os.stat(path)
     ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
     entry = _hash_cache_dir() / hashlib.sha256(ident.encode()).hexdigest()
+    value = _cached_entry(entry)
+    if value:
+        return value
+    with _hashing(entry):
+        value = _cached_entry(entry)  # written meanwhile by the process that held the lock
+        if value:
+            return value
+        value = sha256_file(path)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(entry, value + "\n")
+        except OSError:  # a read-only home must not stop a run
+            pass
+    return value
+
+
+def _cached_entry(entry: Path) -> str | None:
     try:
         value = entry.read_text().strip()
-        if len(value) == 64:
-            return value
     except OSError:
-        pass
-    value = sha256_file(path)
+        return None
+    return value if len(value) == 64 else None
+
+
+@contextlib.contextmanager
+def _hashing(entry: Path):
+    """Held while this process hashes the file of cache ``entry``: another process hashing the
+    same file waits, then finds the entry. No lock where none can be made (a read-only cache,
+    no fcntl): then each process hashes the file itself, as before."""
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(entry, value + "\n")
-    except OSError:  # a read-only home must not stop a run
-        pass
-    return value
+        import fcntl
+
+        locks = entry.parent.with_name("sha256-locks")
+        locks.mkdir(parents=True, exist_ok=True)
+        fh = open(locks / entry.name, "a")  # held until the entry is written
+    except (ImportError, OSError):
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def tree_digest(path: str | os.PathLike, part: str | None = None) -> str:

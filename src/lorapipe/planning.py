@@ -246,6 +246,21 @@ class Planner:
         """The per-shard manifests merge_manifest reads."""
         return [f"results/{dataset}/manifest/{s}.jsonl" for s in self.shard_ids(dataset)]
 
+    def shard_tars(self, dataset: str, suffix: str = "") -> list[str]:
+        """The dataset's image shards (``suffix=".sha256"``: their checksum sidecars)."""
+        return [f"results/{dataset}/shards/{s}.tar{suffix}" for s in self.shard_ids(dataset)]
+
+    def latent_tars(self, dataset: str, suffix: str = "") -> list[str]:
+        """The latent shards of one of the dataset's latent folders, the folder left as the
+        wildcards ``{model}-{res}-{dtype}``: what one encode job (`rules/encode.smk`) writes."""
+        folder = f"results/{dataset}/latents/{{model}}-{{res}}-{{dtype}}"
+        return [f"{folder}/{s}.tar{suffix}" for s in self.shard_ids(dataset)]
+
+    def encode_runtime(self, dataset: str) -> int:
+        """Minutes to ask for one job encoding all of a dataset's shards (SLURM's --time): an
+        hour, and 10 minutes a shard beyond six."""
+        return max(60, 10 * len(self.shard_ids(dataset)))
+
     def _pick(self, dataset: str, keys: Sequence[str]) -> dict[str, Any]:
         ds = self.dataset_settings(dataset)
         return {k: ds[k] for k in keys}
@@ -453,6 +468,34 @@ class Planner:
         n = self.train_processes(run)
         return n if n > 1 else 0
 
+    # Samples
+
+    def sample_grids(self, run: str) -> bool:
+        """Whether a run gets sample grids: `sample_grids` is on and it has validation prompts.
+        Neither is in the run's fingerprint: switching them never restales training."""
+        on = self.config.get("sample_grids", True)
+        return bool(on and self.runs[run].validation_prompts)
+
+    def sample_outputs(self, run: str) -> list[str]:
+        """The final sample grid of a run, when it has one (rule sample)."""
+        return [f"results/runs/{run}/samples.png"] if self.sample_grids(run) else []
+
+    def track_inputs(self, run: str) -> dict[str, str]:
+        """What rule track logs to MLflow: the run's files, and its sample grids when it has
+        them (a run without them is tracked without waiting for a sample job)."""
+        d = f"results/runs/{run}"
+        out = {
+            "config": f"{d}/config.yaml",
+            "metrics": f"{d}/metrics.jsonl",
+            "lora": f"{d}/pytorch_lora_weights.safetensors",
+            "kohya": f"{d}/{run}.safetensors",
+            "loss": f"{d}/loss.png",
+            "summary": f"{d}/train_summary.json",
+        }
+        if self.sample_grids(run):
+            out.update(samples=f"{d}/samples.png", step_samples=f"{d}/samples")
+        return out
+
     def final_outputs(self) -> list[str]:
         """What `snakemake` with no target builds: every run's files and its dataset's views."""
         out = []
@@ -460,7 +503,7 @@ class Planner:
             out += [
                 f"results/runs/{run}/pytorch_lora_weights.safetensors",
                 f"results/runs/{run}/{run}.safetensors",
-                f"results/runs/{run}/samples.png",
+                *self.sample_outputs(run),
                 f"results/runs/{run}/mlflow.json",
             ]
             if self.holdout(run).active:

@@ -278,8 +278,9 @@ def track_run(inputs, uri: str | None, experiment: str, out_json: str) -> str:
     tags.update({f"summary.{k}": str(v) for k, v in summary.items()})
     best = {k: summary[k] for k in ("best_step", "best_val_loss") if summary.get(k) is not None}
     tags.update({f"lorapipe.{k}": str(v) for k, v in best.items()})
+    grid = [inputs.samples] if "samples" in inputs.keys() else []  # none: no sample grids
     artifacts = [
-        inputs.config, inputs.lora, inputs.kohya, inputs.samples, inputs.loss, inputs.metrics
+        inputs.config, inputs.lora, inputs.kohya, *grid, inputs.loss, inputs.metrics
     ]  # fmt: skip
     dataset = dataset_input(
         doc["dataset"], doc["fingerprints"]["dataset_manifest"], summary.get("samples")
@@ -290,6 +291,6 @@ def track_run(inputs, uri: str | None, experiment: str, out_json: str) -> str:
         artifacts=[str(a) for a in artifacts], tags=tags, out_json=out_json,
         run_id=summary.get("mlflow_run_id"), dataset=dataset,
         artifact_dirs={"samples": str(inputs.step_samples)} if "step_samples" in inputs.keys()
-        else None,  # the sample grid of each saved step (rule sample_steps)
+        else None,  # the sample grid of each saved step (rule sample)
         summary_metrics=(best, summary.get("steps")) if best else None,
     )  # fmt: skip

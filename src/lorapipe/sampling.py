@@ -3,7 +3,8 @@
 A grid has one column per prompt: the top row is the base model, the bottom row base + LoRA,
 each image drawn from a CPU generator seeded ``seed + column``. `render_samples` makes the final
 grid of a run (samples.png); `render_step_grids` one grid per saved checkpoint, from the exports
-training writes at each save_steps, loading the base model once for all of them.
+training writes at each save_steps, loading the base model once for all of them;
+`render_run_samples` (the workflow's sample stage) both, from one pipeline and one base row.
 """
 
 from __future__ import annotations
@@ -112,9 +113,7 @@ def render_step_grids(
 
     Returns the PNGs written, in step order.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = {k: v for k, v in saved_exports(exports_dir).items() if k < final_step}
+    todo = _steps_before(exports_dir, final_step)
     written = []
     if todo:
         s = _Sampler(model_path, prompts, steps, size, seed, original_config)
@@ -123,16 +122,65 @@ def render_step_grids(
             log.warning("%s does not fit %d prompts at %d px: drawing the base row", final_png,
                         len(s.prompts), size)  # fmt: skip
             base = s.row()
-        for step, folder in todo.items():
-            s.pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
-            png = out_dir / f"step-{step:06d}.png"
-            s.grid(base, s.row(), png)
-            s.pipe.unload_lora_weights()  # back to the base model for the next step
-            written.append(png)
-            log.info("step %d: %s", step, png)
+        written = _step_rows(s, base, todo, out_dir)
     else:
         log.info("no saved steps in %s: only the final grid", exports_dir)
+    return [*written, _final_step_grid(final_png, out_dir, final_step)]
+
+
+def render_run_samples(
+    model_path: str,
+    lora_dir: str | os.PathLike,
+    exports_dir: str | os.PathLike,
+    prompts: list[str],
+    out_png: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    final_step: int,
+    steps: int = 20,
+    size: int = 512,
+    seed: int = 0,
+    original_config: str | None = None,
+) -> list[Path]:
+    """A run's sample grids from one pipeline: ``out_png`` (`render_samples` with the final
+    LoRA in ``lora_dir``) and ``out_dir/step-NNNNNN.png`` (`render_step_grids`), with the base
+    row drawn once for all of them. The same bytes as those two, one after the other.
+
+    Returns the step PNGs written, in step order (the final one last).
+    """
+    s = _Sampler(model_path, prompts, steps, size, seed, original_config)
+    base = s.row()
+    s.pipe.load_lora_weights(str(Path(lora_dir)))
+    s.grid(base, s.row(), out_png)
+    s.pipe.unload_lora_weights()  # back to the base model for the saved steps
+    written = _step_rows(s, base, _steps_before(exports_dir, final_step), out_dir)
+    return [*written, _final_step_grid(out_png, out_dir, final_step)]
+
+
+def _steps_before(exports_dir: str | os.PathLike, final_step: int) -> dict[int, Path]:
+    """The saved exports of the steps before the final one, by step."""
+    return {k: v for k, v in saved_exports(exports_dir).items() if k < final_step}
+
+
+def _step_rows(s: _Sampler, base: list, todo: dict[int, Path], out_dir) -> list[Path]:
+    """The grid of each step in ``todo``: ``base`` on top, that step's LoRA below."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for step, folder in todo.items():
+        s.pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
+        png = out_dir / f"step-{step:06d}.png"
+        s.grid(base, s.row(), png)
+        s.pipe.unload_lora_weights()  # back to the base model for the next step
+        written.append(png)
+        log.info("step %d: %s", step, png)
+    return written
+
+
+def _final_step_grid(final_png, out_dir, final_step: int) -> Path:
+    """The final grid copied in as the final step's."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step-{final_step:06d}.png"
     with atomic_path(final) as tmp:
         shutil.copyfile(final_png, tmp)
-    return [*written, final]
+    return final

@@ -16,9 +16,15 @@ import yaml
 from wf import REPO, copy_workflow, snakemake
 
 PROFILES = REPO / "profiles"
-GPU_RULES = {"encode", "train", "sample", "sample_steps"}
-# rules whose names are made in a loop (one per configured model/dataset) get default-resources
-LOOP_RULES = ("tiny_model_", "demo_data_")
+GPU_RULES = {"train", "sample"}
+# rules whose names are made in a loop (one per configured model/dataset) get default-resources,
+# but for the encode jobs (one per dataset), which set theirs in rules/encode.smk
+LOOP_RULES = ("tiny_model_", "demo_data_", "encode_")
+ENCODE = {"mem_mb": 16000, "runtime": 60, "gpu": 1, "threads": 4}
+
+
+def gpu_rule(rule: str) -> bool:
+    return rule in GPU_RULES or rule.startswith("encode_")
 
 
 def static_rules() -> set[str]:
@@ -90,8 +96,9 @@ def test_slurm_dry_run_plans_every_job_with_its_resources(demo_workdir):
     text = dry_run(code, work, "slurm", "--cores", "64")
     assert "This was a dry-run" in text, text[-3000:]
     jobs = planned(text)
-    for rule in ("manifest", "caption", "shard", "encode"):
+    for rule in ("manifest", "caption", "shard"):
         assert len(jobs[rule]) == 4, rule  # per shard: spread over nodes
+    assert len(jobs["encode_demo"]) == 1  # one job per latent folder: torch imported once
     assert {r for r in jobs if not r.startswith(LOOP_RULES)} == static_rules(), sorted(jobs)
     want = yaml.safe_load((PROFILES / "default" / "config.yaml").read_text())
     threads = want["set-threads"]
@@ -99,6 +106,8 @@ def test_slurm_dry_run_plans_every_job_with_its_resources(demo_workdir):
         if rule == "all":
             continue
         expect = want["set-resources"].get(rule, {"mem_mb": 4000, "runtime": 30})
+        if rule.startswith("encode_"):
+            expect = ENCODE
         for job in blocks:
             assert job["slurm_account"] == "myaccount", (rule, job)
             assert job["mem_mb"] > 0, (rule, job)
@@ -106,7 +115,7 @@ def test_slurm_dry_run_plans_every_job_with_its_resources(demo_workdir):
                 assert job[key] == expect.get(key, job[key]), (rule, key, job)
             if rule != "train":
                 assert job.get("gpu", 0) == expect.get("gpu", 0), (rule, job)
-                assert job["threads"] == threads.get(rule, 1), (rule, job)
+                assert job["threads"] == threads.get(rule, expect.get("threads", 1)), (rule, job)
     train = jobs["train"][0]
     assert (train["gpu"], train["threads"], train["runtime"]) == (1, 2, 720), train
     assert jobs["track"][0]["mlflow_db"] == 1
@@ -121,7 +130,7 @@ def test_slurm_dry_run_plans_every_job_with_its_resources(demo_workdir):
             continue
         job = SimpleNamespace(name=rule, threads=blocks[0]["threads"], resources=blocks[0])
         got = get_best_partition(partitions, job, log)
-        assert got == ("gpu" if rule in GPU_RULES else "cpu"), (rule, got)
+        assert got == ("gpu" if gpu_rule(rule) else "cpu"), (rule, got)
 
 
 def test_slurm_gives_a_multi_process_run_one_gpu_per_process(demo_workdir, tmp_path):
@@ -142,4 +151,4 @@ def test_local_profile_plans_the_same_jobs(demo_workdir):
     jobs = planned(text)
     assert {r for r in jobs if not r.startswith(LOOP_RULES)} == static_rules()
     assert "slurm_account" not in jobs["train"][0]
-    assert jobs["train"][0]["gpu"] == 1 and jobs["encode"][0]["mem_mb"] == 16000
+    assert jobs["train"][0]["gpu"] == 1 and jobs["encode_demo"][0]["mem_mb"] == 16000

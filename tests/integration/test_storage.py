@@ -122,6 +122,5 @@ def test_the_whole_workflow_runs_with_its_results_on_s3(s3, tmp_path):
     assert planned_jobs(work, code, args=tuple(s3.args("wf"))) == {}
     shutil.copy(work / "data" / "mine" / "img_001.png", work / "data" / "mine" / "zz_new.png")
     jobs = planned_jobs(work, code, args=tuple(s3.args("wf")))
-    assert {r: jobs.get(r) for r in ("manifest", "caption", "shard", "encode")} == dict.fromkeys(
-        ("manifest", "caption", "shard", "encode"), 1
-    ), jobs
+    stages = ("manifest", "caption", "shard", "encode_mine")  # encode: one job per latent folder
+    assert {r: jobs.get(r) for r in stages} == dict.fromkeys(stages, 1), jobs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -10,7 +11,8 @@ from wf import copy_workflow, planned_jobs, small_config, snakemake, write_confi
 
 pytestmark = pytest.mark.slow
 
-RUN_STAGES = {"run_config", "train", "export", "sample", "sample_steps", "track"}
+RUN_STAGES = {"run_config", "train", "export", "sample", "track"}
+DATA_STAGES = ("manifest", "caption", "shard", "encode_mine")  # encode: one job per latent folder
 
 
 def config(lr: float = 1e-3) -> dict:
@@ -139,13 +141,13 @@ def test_adding_one_image_reruns_one_shard(wf):
 
     data = work / "data" / "mine"
     shards = work / "results" / "mine" / "shards"
+    latents = work / "results" / "mine" / "latents" / "tiny-sd-64-float32"
     before = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.tar")}
+    latent_bytes = {p.name: p.read_bytes() for p in latents.glob("*.tar")}
     shutil.copy(data / "img_001.png", data / "zz_new.png")
     new_shard = f"{shard_of('zz_new.png', 3):05d}"
     jobs = planned_jobs(work, code)
-    assert {k: jobs[k] for k in ("manifest", "caption", "shard", "encode")} == dict.fromkeys(
-        ("manifest", "caption", "shard", "encode"), 1
-    )
+    assert {k: jobs[k] for k in DATA_STAGES} == dict.fromkeys(DATA_STAGES, 1)
     assert jobs["merge_manifest"] == 1 and jobs["train"] == 2
     snakemake(work, code=code)
     after = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.tar")}
@@ -153,6 +155,11 @@ def test_adding_one_image_reruns_one_shard(wf):
     assert changed == {f"{new_shard}.tar"}
     index = (shards / f"{new_shard}.jsonl").read_text()
     assert '"path": "zz_new.png"' in index
+    # the folder's one encode job encoded that shard alone; the others came from the cache
+    log = (work / "logs/encode/mine/tiny-sd-64-float32.log").read_text()
+    assert "1 shards encoded, 2 from the cache" in log, log[-2000:]
+    changed = {p.name for p in latents.glob("*.tar") if p.read_bytes() != latent_bytes[p.name]}
+    assert changed == {f"{new_shard}.tar"}
     assert planned_jobs(work, code) == {}
 
 
@@ -173,9 +180,8 @@ def test_editing_a_sidecar_or_an_image_restales_only_its_shard(wf):
         finally:
             path.write_bytes(blob)
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-        stages = ("manifest", "caption", "shard", "encode")
-        want = dict.fromkeys(stages[stages.index(first) :], 1)
-        assert {k: v for k, v in jobs.items() if k in stages} == want, (name, jobs)
+        want = dict.fromkeys(DATA_STAGES[DATA_STAGES.index(first) :], 1)
+        assert {k: v for k, v in jobs.items() if k in DATA_STAGES} == want, (name, jobs)
         # same bytes, size and mtime again: nothing to do
         assert planned_jobs(work, code) == {}
 
@@ -187,8 +193,8 @@ def test_latent_cache_is_shared_per_model_resolution_and_dtype(wf):
     cfg = config()
     cfg["runs"]["r2"]["mixed_precision"] = "bf16"
     jobs = planned_with(work, code, cfg)
-    # a bf16 run gets its own bf16 cache: every shard encoded again, nothing before encode
-    assert jobs["encode"] == 3 and jobs["train"] == 1
+    # a bf16 run gets its own bf16 cache (one job encodes its shards), nothing before encode
+    assert jobs["encode_mine"] == 1 and jobs["train"] == 1
     assert not {"manifest", "caption", "shard"} & set(jobs)
     assert planned_jobs(work, code) == {}
 
@@ -198,9 +204,60 @@ def test_caption_variants_restale_encoding_and_training_only(wf):
     cfg = config()
     cfg["datasets"]["mine"].update(caption_variants=2, shuffle_captions=True)
     jobs = planned_with(work, code, cfg)
-    assert jobs["encode"] == 3 and jobs["train"] == 2
+    assert jobs["encode_mine"] == 1 and jobs["train"] == 2
     assert not {"manifest", "caption", "shard"} & set(jobs)
     assert planned_jobs(work, code) == {}
+
+
+def test_sample_grids_off_tracks_without_them_and_retrains_nothing(wf):
+    code, work = wf
+    cfg = config()
+    cfg["sample_grids"] = False
+    write_config(work / "cfg.yaml", cfg)
+    try:
+        # no sample job; track only (its inputs lost the grids), no training
+        assert planned_jobs(work, code) == {"track": 2, "all": 1}
+        tracked = {r: work / f"results/runs/{r}/mlflow.json" for r in ("r1", "r2")}
+        done = {r: p.stat().st_mtime_ns for r, p in tracked.items()}
+        snakemake(work, code=code)  # track succeeds without samples.png
+        assert all(p.stat().st_mtime_ns > done[r] for r, p in tracked.items())
+        cfg["runs"]["r3"] = {"dataset": "mine", "base_model": "tiny-sd", "lora_rank": 3}
+        write_config(work / "cfg.yaml", cfg)
+        jobs = planned_jobs(work, code)
+        assert "sample" not in jobs and jobs["train"] == 1 and jobs["track"] == 1, jobs
+    finally:
+        write_config(work / "cfg.yaml", config())
+    snakemake(work, code=code)  # grids on again: the grids made before are logged again
+    assert planned_jobs(work, code) == {}
+
+
+def test_the_demo_is_planned_only_without_a_config_naming_runs(tmp_path):
+    """No config file: the shipped demo. A user's config: its runs alone; both on request."""
+    import os
+    import subprocess
+
+    from wf import SNAKEMAKE
+
+    from lorapipe.demo import make_demo_dataset
+
+    code = copy_workflow(tmp_path / "code")
+    write_config(code / "mine.yaml", small_config())
+    make_demo_dataset(code / "data" / "mine", images=6, seed=1)
+
+    def plan(*args: str) -> dict[str, int]:
+        cmd = [SNAKEMAKE, "--snakefile", str(code / "Snakefile"), "--directory", str(code),
+               "--cores", "2", "-n", "--quiet", "rules", *args]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        return {r: n for r, n in re.findall(r"^(\S+)\s+(\d+)$", out.stdout, re.M)}
+
+    demo = plan()
+    assert demo["demo_data_demo"] == "1" and demo["encode_demo"] == "1"
+    mine = plan("--configfile", "mine.yaml")
+    assert "demo_data_demo" not in mine and mine["encode_mine"] == "1"
+    both = plan("--configfile", "config/config.yaml", "mine.yaml")
+    assert both["train"] == "2" and both["demo_data_demo"] == "1"
 
 
 def test_caption_review_file_and_editing_one_row_restales_one_shard(tmp_path):

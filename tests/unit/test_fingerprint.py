@@ -60,3 +60,36 @@ def test_tree_digest_parts_and_single_file(tmp_path, monkeypatch):
     single = tmp_path / "ckpt.safetensors"
     single.write_bytes(b"whole model")
     assert tree_digest(single, "vae") == tree_digest(single)
+
+
+def test_processes_hashing_one_file_at_once_hash_it_once(tmp_path):
+    """run_config and an encode job on a fresh base model: the second waits for the first's
+    entry instead of reading gigabytes again."""
+    import subprocess
+    import sys
+    import textwrap
+
+    f = tmp_path / "weights.safetensors"
+    f.write_bytes(b"w" * 1000)
+    calls = tmp_path / "calls"
+    code = textwrap.dedent(f"""
+        import time
+        import lorapipe.io as io
+        real = io.sha256_file
+        def slow(path, *args, **kw):  # a 4 GB file: long enough for the other to ask too
+            with open({str(calls)!r}, "a") as fh:
+                fh.write("hash\\n")
+            time.sleep(3)
+            return real(path, *args, **kw)
+        io.sha256_file = slow
+        from lorapipe.fingerprint import cached_sha256
+        print(cached_sha256({str(f)!r}))
+    """)
+    env = {**os.environ, "LORAPIPE_CACHE": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outs == [hashlib.sha256(b"w" * 1000).hexdigest()] * 2
+    assert calls.read_text() == "hash\n"

@@ -368,9 +368,35 @@ def test_run_paths_and_resources(tmp_path):
     assert ctx["dataset"]["name"] == "mine"
     assert ctx["base_model"]["tiny"] == {"seed": 0, "family": "sd"}  # the schema default
     out = plan.final_outputs()
-    # per run (4): LoRA, kohya file, sample grid, MLflow run; per dataset: manifest, rejected
-    assert out.count("results/mine/manifest.jsonl") == 1 and len(out) == 4 * 4 + 2
+    # no run has validation prompts: LoRA, kohya file and MLflow run, no sample grid
+    assert out.count("results/mine/manifest.jsonl") == 1 and len(out) == 4 * 3 + 2
 
     explicit = make_config(tmp_path)
     explicit["datasets"]["mine"]["latent_dtype"] = "bfloat16"
     assert Planner(explicit).latent_dtype("r1") == "bfloat16"
+
+
+def test_sample_grids_track_inputs_and_encode_outputs(tmp_path):
+    """A run gets sample grids when it has validation prompts and `sample_grids` is on; rule
+    track then logs them, else it does not wait for them. One encode job writes every shard of a
+    latent folder."""
+    write(tmp_path / "mine" / "a.png")
+    runs = {"p": {"dataset": "mine", "base_model": "tiny-sd", "validation_prompts": ["a"]}}
+    cfg = make_config(tmp_path, runs=runs)
+    plan = Planner(cfg)
+    assert plan.sample_grids("p") and not plan.sample_grids("r1")
+    out = plan.final_outputs()
+    assert "results/runs/p/samples.png" in out and "results/runs/r1/samples.png" not in out
+    base = {"config", "metrics", "lora", "kohya", "loss", "summary"}
+    assert set(plan.track_inputs("p")) == base | {"samples", "step_samples"}
+    assert plan.track_inputs("p")["step_samples"] == "results/runs/p/samples"
+    assert set(plan.track_inputs("r1")) == base
+    cfg["sample_grids"] = False
+    off = Planner(cfg)
+    assert not off.sample_grids("p") and set(off.track_inputs("p")) == base
+    assert not any(f.endswith("samples.png") for f in off.final_outputs())
+
+    assert plan.shard_tars("mine", ".sha256")[2] == "results/mine/shards/00002.tar.sha256"
+    folder = "results/mine/latents/{model}-{res}-{dtype}"
+    assert plan.latent_tars("mine") == [f"{folder}/0000{i}.tar" for i in range(SHARDS)]
+    assert plan.encode_runtime("mine") == 60

@@ -1,5 +1,6 @@
 """Sample grids per saved step: one pipeline for all steps, each grid the one `render_samples`
-gives for that step's LoRA (no trace of the previous step), and the final grid copied in."""
+gives for that step's LoRA (no trace of the previous step), and the final grid copied in; the
+sample stage's `render_run_samples` gives both from one pipeline, with the same bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorapipe.sampling import render_samples, render_step_grids
+from lorapipe.sampling import render_run_samples, render_samples, render_step_grids
 from lorapipe.training.checkpoints import saved_exports
 
 PROMPTS = ["a picture in lorapipe style", "a red square"]
@@ -98,3 +99,20 @@ def test_no_saved_step_gives_only_the_final_grid(tiny_model, tmp_path):
     written = render_step_grids(str(tiny_model), tmp_path / "none", PROMPTS, tmp_path / "s",
                                 final, 3, **KW)  # fmt: skip
     assert [p.name for p in written] == ["step-000003.png"]
+
+
+def test_one_pipeline_for_the_final_and_step_grids_gives_the_same_bytes(
+    exports, tiny_model, tmp_path
+):
+    """rule sample: `render_run_samples` = `render_samples`, then `render_step_grids`."""
+    final_lora = exports / "step-000004"  # any LoRA as the final one
+    want_png = tmp_path / "want.png"
+    render_samples(str(tiny_model), final_lora, PROMPTS, want_png, **KW)
+    want = render_step_grids(str(tiny_model), exports, PROMPTS, tmp_path / "want", want_png, 6,
+                             **KW)  # fmt: skip
+    got_png, got_dir = tmp_path / "samples.png", tmp_path / "samples"
+    got = render_run_samples(str(tiny_model), final_lora, exports, PROMPTS, got_png, got_dir, 6,
+                             **KW)  # fmt: skip
+    assert got_png.read_bytes() == want_png.read_bytes()
+    assert [p.name for p in got] == [p.name for p in want]
+    assert [p.read_bytes() for p in got] == [p.read_bytes() for p in want]
