@@ -98,7 +98,8 @@ def test_slurm_dry_run_plans_every_job_with_its_resources(demo_workdir):
     jobs = planned(text)
     for rule in ("manifest", "caption", "shard"):
         assert len(jobs[rule]) == 4, rule  # per shard: spread over nodes
-    assert len(jobs["encode_demo"]) == 1  # one job per latent folder: torch imported once
+    assert len(jobs["encode_demo"]) == 2  # one job per latent folder (demo on tiny-sd, demo-xl on
+    # tiny-sdxl): torch imported once per folder, not per shard
     assert {r for r in jobs if not r.startswith(LOOP_RULES)} == static_rules(), sorted(jobs)
     want = yaml.safe_load((PROFILES / "default" / "config.yaml").read_text())
     threads = want["set-threads"]

@@ -253,11 +253,11 @@ def test_the_demo_is_planned_only_without_a_config_naming_runs(tmp_path):
         return {r: n for r, n in re.findall(r"^(\S+)\s+(\d+)$", out.stdout, re.M)}
 
     demo = plan()
-    assert demo["demo_data_demo"] == "1" and demo["encode_demo"] == "1"
+    assert demo["demo_data_demo"] == "1" and demo["encode_demo"] == "2"  # tiny-sd, tiny-sdxl
     mine = plan("--configfile", "mine.yaml")
     assert "demo_data_demo" not in mine and mine["encode_mine"] == "1"
     both = plan("--configfile", "config/config.yaml", "mine.yaml")
-    assert both["train"] == "2" and both["demo_data_demo"] == "1"
+    assert both["train"] == "3" and both["demo_data_demo"] == "1"  # demo, demo-xl, mine
 
 
 def test_caption_review_file_and_editing_one_row_restales_one_shard(tmp_path):

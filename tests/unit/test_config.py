@@ -88,7 +88,8 @@ def test_user_file_adds_runs_by_merge(cfg, tmp_path):
     )
     merged = load_yaml(REPO / "config" / "config.yaml", mine)
     load_config(merged, check_files=False)
-    assert set(merged["runs"]) == {"demo", "mine"} and resolve_run(merged, "mine").lora_rank == 16
+    assert set(merged["runs"]) == {"demo", "demo-xl", "mine"}
+    assert resolve_run(merged, "mine").lora_rank == 16
 
 
 def test_sweep_table_becomes_runs(cfg, tmp_path):
