@@ -9,12 +9,12 @@ sizes: ``tiny`` (lorapipe.tiny, the demo's model: 4x8x8 latents, 77x32 text) and
 (`_synthetic.SD15_SMALL_UNET`: SD-1.5's 4x64x64 latents and 77x768 text at toy widths). Rounds
 alternate the order of the modes (ABBA), so load from other processes falls on all of them alike.
 
-Figures per run, from the run's own files: ``images_per_s_steady`` of train_summary.json (the mean
-over the steps after the first) and the mean ``data_wait`` of metrics.jsonl over the same steps
-(time getting the batch ready / step time). Reported: the median over rounds, and the ratios
-streamed / in memory with prefetch as ``auto`` picks it (in memory on a CPU: off; streamed: on)
-and like for like, each the median of the ratios within a round. Goals (#13): streamed >= 0.95x
-in memory; data wait < 2 % with prefetch.
+Figures per run, from the run's own files: ``images_per_s_steady`` of train_summary.json (images
+after the first step over their wall time) and the mean ``data_wait`` of metrics.jsonl over the same
+steps (time getting the batch ready / step time). Reported: the median over rounds, and the ratios
+streamed / in memory with prefetch as ``auto`` picks it (in memory on a CPU: off; streamed: on) and
+like for like, each the median of the ratios within a round. Goals (#13): streamed >= 0.95x in
+memory; data wait < 2 % with prefetch.
 
     python bench/bench_streaming.py [--models tiny,sd15-small] [--rounds 2] [--threads 1]
 """

@@ -106,6 +106,8 @@ class State:
     compile_checked: bool = True  # False until one whole compiled step has run
     compile: dict = field(default_factory=dict)  # warm-up timings and graph counts
     step_times: list[float] = field(default_factory=list)
+    step_images: list[int] = field(default_factory=list)  # images of each step of this session
+    step_ends: list[float] = field(default_factory=list)  # perf_counter at each step's end
     loop_start_step: int = 0
     started_at: float = 0.0  # unix time this training session started
     cache: object = None  # the `latent_cache.LatentCache` the samples come from
@@ -379,11 +381,14 @@ def _optimizer_step(st: State, epoch: int, micro: list[list[int]]) -> Taken:
     st.sched.step()
     st.opt.zero_grad(set_to_none=True)
     st.step += 1
-    dt = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    dt = t1 - t0
     st.step_times.append(dt)
     return Taken(step_record(st, epoch, None, n_images, dt, data_s, skipped), total, bad, losses)
 
 
+    st.step_images.append(n_images)
+    st.step_ends.append(t1)
 def _record(st: State, taken: Taken, t_loop: float) -> None:
     """Read a taken step's loss back (an error if it is not finite), append its metrics record,
     send it to MLflow and log progress. Returns None (the step is no longer pending)."""

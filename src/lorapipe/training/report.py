@@ -60,7 +60,6 @@ def summary(st, wall_s: float, compiled_graphs_now: int, run_id: str | None) -> 
         passes = c.get("warmup_shapes", 0)
         compile_s = max(0.0, c.get("warmup_s", 0.0) + times[0] - (passes + 1) * steady_step)
     recompiles = compiled_graphs_now - c.get("graphs_after_warmup", 0) if compiled else 0
-    steady = [m["images_per_s"] for m in st.metrics[st.loop_start_step + 1 :]]
     return {
         "steps": st.step,
         "epochs": st.plan.epochs,
@@ -74,11 +73,23 @@ def summary(st, wall_s: float, compiled_graphs_now: int, run_id: str | None) -> 
         "warmup_graphs": c.get("warmup_graphs", 0),
         "recompiles": recompiles,
         "wall_s": wall_s,
-        "images_per_s_steady": sum(steady) / len(steady) if steady else None,
+        "images_per_s_steady": steady_rate(st.step_images, st.step_ends),
         "samples": len(st.samples),
         "processes": st.dist.world,
         "mlflow_run_id": run_id,
     }
+
+
+def steady_rate(images: list[int], ends: list[float]) -> float | None:
+    """``images_per_s_steady``: the images trained after this session's first step (warm-up,
+    and the compiled first step, excluded) over the wall time they took, from the end of the
+    first step to the end of the last (``ends``: each step's ``perf_counter`` at its end), so
+    what runs between steps (reading the loss back, logging, validation, checkpoints) counts.
+    None with fewer than two steps. Not the mean of the per-step ``images_per_s``, which a few
+    fast steps would lift."""
+    if len(ends) < 2 or ends[-1] <= ends[0]:
+        return None
+    return sum(images[1:]) / (ends[-1] - ends[0])
 
 
 def log_summary(s: dict) -> None:
