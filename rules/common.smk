@@ -121,7 +121,30 @@ def get_shard_settings(wildcards):
 
 
 def get_encode_model_files(wildcards):
-    return model_files(wildcards.model, PLAN.latent_parts(wildcards.model))
+    m = wildcards.model
+    return model_files(m, PLAN.read_parts(m, PLAN.latent_parts(m)))
+
+
+# A base model's `vae:` override is read in place (never built): its files are inputs of the jobs
+# that read it (encode, run_config, train, sample), the model's own VAE files then are not.
+def vae_files(model):
+    return [local(f) for f in PLAN.vae_files(model)]
+
+
+def get_encode_vae_files(wildcards):
+    return vae_files(wildcards.model)
+
+
+def get_vae(wildcards):
+    return PLAN.vae(wildcards.model)
+
+
+def get_run_vae_files(wildcards):
+    return vae_files(RUNS[wildcards.run].base_model)
+
+
+def get_run_vae(wildcards):
+    return PLAN.vae(RUNS[wildcards.run].base_model)
 
 
 def latent_integrity(dataset):
@@ -143,7 +166,8 @@ def get_original_config(wildcards):
 
 
 def get_run_model_files(wildcards):
-    return model_files(RUNS[wildcards.run].base_model, None)
+    model = RUNS[wildcards.run].base_model
+    return model_files(model, PLAN.read_parts(model))
 
 
 def get_run_model_path(wildcards):

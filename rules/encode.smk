@@ -13,6 +13,7 @@ for _name in DATASETS:
             tars=PLAN.shard_tars(_name),
             tars_sha256=PLAN.shard_tars(_name, ".sha256"),
             model=get_encode_model_files,
+            vae=get_encode_vae_files,
         output:
             # no ensure(non_empty=True): see rules/shard.smk
             tars=PLAN.latent_tars(_name),
@@ -31,6 +32,7 @@ for _name in DATASETS:
         params:
             model_path=get_model_path,
             original_config=get_original_config,
+            vae=get_vae,
             dtype="{dtype}",
             batch_size=8,
             variants=PLAN.variant_settings(_name),

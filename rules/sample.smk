@@ -9,6 +9,7 @@ rule sample:
         config="results/runs/{run}/config.yaml",
         summary="results/runs/{run}/train_summary.json",
         model=get_run_model_files,
+        vae=get_run_vae_files,
     output:
         grid=report(
             "results/runs/{run}/samples.png",
@@ -27,6 +28,7 @@ rule sample:
     threads: 2
     params:
         model_path=get_run_model_path,
+        vae=get_run_vae,
         checkpoints="results/checkpoints/{run}",
         code=script_code("sample"),
     script:

@@ -3,6 +3,7 @@ rule run_config:
     input:
         manifest=get_run_manifest,
         model=get_run_model_files,
+        vae=get_run_vae_files,
         val_manifest=get_run_val_manifest,  # a validation_dataset's (in the fingerprint)
     output:
         "results/runs/{run}/config.yaml",
@@ -29,6 +30,7 @@ rule train:
         val_latents=get_run_val_latents,  # a validation_dataset's latents (else none)
         val_latents_sha256=get_run_val_latent_sidecars,
         model=get_run_model_files,
+        vae=get_run_vae_files,
     output:
         lora="results/runs/{run}/pytorch_lora_weights.safetensors",
         metrics="results/runs/{run}/metrics.jsonl",
@@ -54,6 +56,7 @@ rule train:
         gpu=get_train_gpus,
     params:
         model_path=get_run_model_path,
+        vae=get_run_vae,
         checkpoints="results/checkpoints/{run}",
         # The MLflow run id is written into the LoRA's metadata: where it is logged is a setting.
         mlflow_uri=get_mlflow_uri,

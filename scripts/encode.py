@@ -14,6 +14,8 @@ encode_folder(
     batch_size=p.batch_size,
     dtype=p.dtype,
     original_config=localized(p.original_config, i),
+    vae=localized(p.vae, i),
+    vae_files=list(i.vae),
     variants=VariantSettings(**p.variants),
     identity={"code": p.code, "libs": p.libs},
     threads=snakemake.threads,

@@ -9,6 +9,7 @@ p = snakemake.params
 fp = write_run_config(
     p.run, p.context, p.code, snakemake.input.manifest, p.context["base_model"]["path"],
     snakemake.output[0], val_manifest=(list(snakemake.input.val_manifest) or [None])[0],
+    vae=p.context["base_model"].get("vae"),
 )
 log.info("run %s: fingerprint %s", p.run["name"], fp)
 # A new sqlite MLflow store is made here, beside the data stages, not while train runs its first

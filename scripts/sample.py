@@ -26,4 +26,5 @@ render_run_samples(
     doc["dataset"]["resolution"],
     run.seed,
     doc["base_model"].get("original_config"),
+    localized(p.vae, i),
 )

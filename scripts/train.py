@@ -13,5 +13,6 @@ i = snakemake.input
 summary = train_run(
     i.config, list(i.latents), localized(p.model_path, i), out_dir, p.checkpoints, mlflow,
     val_latents=list(i.val_latents),  # a validation_dataset's latent shards (else none)
+    vae=localized(p.vae, i),  # the base model's VAE override folder (else None)
 )
 log.info("done: %s", summary)

@@ -278,7 +278,7 @@ def _non_finite(node: Any, path: str) -> list[str]:
 
 _PATH_KEYS = {
     "datasets": ("path", "blip_model"),
-    "base_models": ("path", "original_config"),
+    "base_models": ("path", "original_config", "vae"),
     "sweeps": ("table",),
 }
 

@@ -5,12 +5,12 @@ Each shard is still its own latent tar, with the bytes :func:`lorapipe.latents.e
 writes. Snakemake reruns the folder's job when any of its shards changed, so a shard whose inputs
 did not change comes from a content-addressed cache instead of being encoded again: its key is
 the image shard's sha256 (from its checksum sidecar) and everything else that decides its bytes
-(the model files' sha256, dtype, batch size, caption variants, the stage's code and library
-versions). An entry is a hard link of the latent tar it was made as (no extra disk; a copy where
-links do not work, e.g. outputs in object storage), checked against its own sidecar before it is
-used, and the folder keeps only the entries of its current shards. So one changed image
-re-encodes one shard; nothing else is encoded again. torch is imported only when some shard
-needs encoding.
+(the model files' sha256, a ``vae:`` override's files' sha256, dtype, batch size, caption
+variants, the stage's code and library versions). An entry is a hard link of the latent tar it
+was made as (no extra disk; a copy where links do not work, e.g. outputs in object storage),
+checked against its own sidecar before it is used, and the folder keeps only the entries of its
+current shards. So one changed image re-encodes one shard; nothing else is encoded again. torch
+is imported only when some shard needs encoding.
 
 Cache layout: ``<cache>/<shard>.<key>.tar`` and ``<shard>.<key>.tar.sha256``.
 """
@@ -127,6 +127,8 @@ def encode_folder(
     variants: VariantSettings | None = None,
     identity: Mapping | None = None,
     threads: int | None = None,
+    vae: str | os.PathLike | None = None,
+    vae_files: Sequence[str | os.PathLike] = (),
 ) -> dict[str, int]:
     """Write ``out_tars[i]`` (and its ``.sha256``) from ``shard_tars[i]`` for every shard of a
     latent folder: from the cache where an entry for the same inputs exists, else encoded with
@@ -137,6 +139,9 @@ def encode_folder(
         identity: what else decides the bytes and is not an argument here (the stage's code
             digest, library versions); part of each key.
         threads: torch intra-op threads, set only when something is encoded.
+        vae: the base model's VAE override folder (`models.check_vae_folder`), encoding
+            instead of the model's own VAE; ``vae_files``: its files, whose sha256 are part of
+            each key (a key without an override is what it was before overrides existed).
 
     Returns:
         ``{"cached": n, "encoded": m, "pruned": k}``.
@@ -152,6 +157,8 @@ def encode_folder(
         "model": model_identity(model_files),
         **dict(identity or {}),
     }
+    if vae is not None:
+        settings["vae"] = model_identity(vae_files)
     counts = {"cached": 0, "encoded": 0}
     keep: set[str] = set()
     for shard, out in zip(shard_tars, out_tars, strict=True):
@@ -163,7 +170,8 @@ def encode_folder(
             counts["cached"] += 1
             log.info("%s: unchanged, from the latent cache (%s)", out, entry.name)
             continue
-        _encode(shard, model_path, out, batch_size, dtype, original_config, variants, threads)
+        _encode(shard, model_path, out, batch_size, dtype, original_config, variants, threads,
+                vae)  # fmt: skip
         _remember(out, entry)
         counts["encoded"] += 1
     counts["pruned"] = _prune(cache, keep)
@@ -172,7 +180,8 @@ def encode_folder(
     return counts
 
 
-def _encode(shard, model_path, out, batch_size, dtype, original_config, variants, threads):
+def _encode(shard, model_path, out, batch_size, dtype, original_config, variants, threads,
+            vae=None):  # fmt: skip
     """One shard through :func:`lorapipe.latents.encode_shard` (torch imported here, once)."""
     import torch
 
@@ -182,5 +191,5 @@ def _encode(shard, model_path, out, batch_size, dtype, original_config, variants
         torch.set_num_threads(threads)
     encode_shard(
         shard, model_path, out, batch_size, dtype, checksum=True,
-        original_config=original_config, variants=variants,
+        original_config=original_config, variants=variants, vae=vae,
     )  # fmt: skip

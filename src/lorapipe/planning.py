@@ -34,6 +34,7 @@ from .families import Family, family_named, family_of
 from .holdout import Holdout, listing_problem
 from .images import IMAGE_EXTENSIONS
 from .manifest import list_images, shard_of
+from .models import check_vae_folder
 
 # Weights in the `original_config` folder of a single-file checkpoint are never read.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt")
@@ -310,6 +311,29 @@ class Planner:
         if self.model_built(model):
             return family_named(self.models[model]["tiny"].get("family", "sd"))
         return family_of(self.model_path(model), self.original_config(model))
+
+    def vae(self, model: str) -> str | None:
+        """The model's ``vae:`` override folder, as configured; None: the model's own VAE."""
+        return self.models[model].get("vae")
+
+    def read_parts(self, model: str, parts: Sequence[str] | None = None) -> tuple[str, ...]:
+        """The parts of ``parts`` (default: all of the model's) a job reads from the model
+        itself: without ``vae`` when the model has a ``vae:`` override (read from there)."""
+        parts = tuple(parts if parts is not None else self.model_parts(model))
+        return tuple(p for p in parts if p != "vae") if self.vae(model) else parts
+
+    def vae_files(self, model: str) -> list[str]:
+        """Every file of the model's ``vae:`` override folder (its ``vae/`` when it is a model
+        folder): inputs of the jobs that read it, so new weights restale exactly those. None
+        without an override, or when the folder is missing (the config check names it)."""
+        vae = self.vae(model)
+        if not vae:
+            return []
+        try:
+            folder = check_vae_folder(vae)
+        except FileNotFoundError:
+            return []
+        return sorted(str(p) for p in folder.rglob("*") if p.is_file())
 
     def model_parts(self, model: str) -> tuple[str, ...]:
         """Every part of a base model (what training, sampling and the run config read)."""

@@ -22,11 +22,14 @@ from .io import atomic_write_text
 
 def write_run_config(
     run: dict, context: dict, code: str, manifest: str, model_path: str, out: str | os.PathLike,
-    val_manifest: str | None = None,
+    val_manifest: str | None = None, vae: str | None = None,
 ) -> str:
     """Write config.yaml; returns the run fingerprint. ``val_manifest``: the manifest of the
-    dataset's validation_dataset (in the fingerprint, and counted in ``validation``)."""
+    dataset's validation_dataset (in the fingerprint, and counted in ``validation``). ``vae``:
+    the base model's VAE override folder: its digest is fingerprint ``vae`` and
+    ``base_model.vae_sha256`` (an MLflow param)."""
     from .holdout import config_block
+    from .models import check_vae_folder
 
     fps = {
         "config": digest({"run": run, **{k: v for k, v in context.items() if k != "libraries"}}),
@@ -37,8 +40,12 @@ def write_run_config(
     }
     if val_manifest:
         fps["validation_manifest"] = file_digest([val_manifest])
+    if vae:
+        fps["vae"] = tree_digest(check_vae_folder(vae))
     fps["run"] = digest(fps)
     doc = {"run": run, **context, "fingerprints": fps, "git": git_state(REPO_ROOT_GUESS)}
+    if vae:
+        doc["base_model"] = {**context["base_model"], "vae_sha256": fps["vae"]}
     block = config_block(context["dataset"], manifest, val_manifest)  # images on each side
     if block:
         doc["validation"] = block
@@ -215,6 +222,8 @@ def run_tags(doc: dict) -> dict[str, str]:
     tags = {k.replace("lorapipe.lorapipe_", "lorapipe."): v for k, v in tags.items()}
     tags["mlflow.source.git.commit"] = str(doc.get("git", {}).get("commit", "unknown"))
     tags["lorapipe.git_dirty"] = str(doc.get("git", {}).get("dirty", False))
+    if doc["fingerprints"].get("vae"):  # a base model's vae: override (its folder's digest)
+        tags["lorapipe.vae_hash"] = str(doc["fingerprints"]["vae"])
     if doc.get("sweep"):  # the runs of a sweep share it (filter: tags.lorapipe.sweep = '…')
         tags["lorapipe.sweep"] = str(doc["sweep"])
     return tags
@@ -233,11 +242,13 @@ def train_run(
     checkpoints: str,
     mlflow: dict | None = None,
     val_latents: list[str] = (),
+    vae: str | None = None,
 ) -> dict:
     """The train stage: train the run of ``config_yaml``; exported files carry
     `file_metadata`. Live MLflow metrics when ``mlflow`` (``uri``, ``experiment``, ``live``,
     ``live_every_steps``, ``live_every_s``: the `mlflow:` config block) has ``live`` on.
     ``val_latents``: the latent shards of the dataset's validation_dataset, if it has one.
+    ``vae``: where this job sees the base model's VAE override folder (default: config.yaml's).
     """
     from .holdout import train_spec
     from .live_tracking import LiveTracker
@@ -264,6 +275,7 @@ def train_run(
         tracker=tracker, export_meta=file_metadata(doc, model_path),
         original_config=doc["base_model"].get("original_config"),
         validation=train_spec(doc, val_latents),
+        vae=vae or doc["base_model"].get("vae"),
     )  # fmt: skip
 
 

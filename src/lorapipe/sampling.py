@@ -23,14 +23,14 @@ log = logging.getLogger(__name__)
 class _Sampler:
     """One pipeline, loaded once; rows of images for the prompts, with or without a LoRA."""
 
-    def __init__(self, model_path, prompts, steps, size, seed, original_config=None):
+    def __init__(self, model_path, prompts, steps, size, seed, original_config=None, vae=None):
         import torch
 
         from .models import load_pipeline
 
         self.prompts = list(prompts) or ["a photo"]
         self.steps, self.size, self.seed = steps, size, seed
-        self.pipe = load_pipeline(model_path, original_config)
+        self.pipe = load_pipeline(model_path, original_config, vae)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe.to(device).set_progress_bar_config(disable=True)
         self._torch = torch
@@ -140,14 +140,16 @@ def render_run_samples(
     size: int = 512,
     seed: int = 0,
     original_config: str | None = None,
+    vae: str | None = None,
 ) -> list[Path]:
     """A run's sample grids from one pipeline: ``out_png`` (`render_samples` with the final
     LoRA in ``lora_dir``) and ``out_dir/step-NNNNNN.png`` (`render_step_grids`), with the base
     row drawn once for all of them. The same bytes as those two, one after the other.
+    ``vae``: the base model's VAE override folder (decodes the images), if it has one.
 
     Returns the step PNGs written, in step order (the final one last).
     """
-    s = _Sampler(model_path, prompts, steps, size, seed, original_config)
+    s = _Sampler(model_path, prompts, steps, size, seed, original_config, vae)
     base = s.row()
     s.pipe.load_lora_weights(str(Path(lora_dir)))
     s.grid(base, s.row(), out_png)
