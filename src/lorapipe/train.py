@@ -283,6 +283,9 @@ def _prepare(job: Job, tracker, export_meta: dict, dist: distributed.Dist) -> St
         tracker.start(backlog=st.metrics, resumed_step=st.step)
     export_meta["lorapipe_fingerprint"] = job.fingerprint
     st.tag_freq = tag_counts((s["meta"].get("caption", "") for s in samples), run.dataset)
+    if last is not None and dist.main and st.step not in st.layout.saved_exports():
+        # killed between the checkpoint and its exports: the restored weights are that step's
+        _export_step(st, *_lora_states(st))
     st.forward = model.unet  # only the UNet is ever compiled
     if resolve_compile(run.compile, device.kind):
         st.forward = torch.compile(model.unet)

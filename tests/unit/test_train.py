@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,27 @@ def test_resume_is_bit_exact_and_counts_stay_right(latents, tiny_model, tmp_path
     assert [(m["step"], m["epoch"], m["loss"]) for m in mx] == [
         (m["step"], m["epoch"], m["loss"]) for m in mr
     ]
+
+
+def test_a_kill_between_checkpoint_and_its_exports_loses_no_export(latents, tiny_model, tmp_path):
+    """Killed after step 4's checkpoint but before its exports were written (its export folder
+    absent): the resumed run writes step 4's exports from the restored weights, the same tensors
+    an uninterrupted run exported (the per-step sample grids are drawn from them)."""
+    from safetensors.torch import load_file
+
+    from lorapipe.train import train
+
+    run = run_config()
+    train(run, latents, str(tiny_model), tmp_path / "ref", tmp_path / "cref", "a" * 64)
+    ck = tmp_path / "ck"
+    train(run, latents, str(tiny_model), tmp_path / "x", ck, "a" * 64, stop_after=5)
+    exports = ck / ("a" * 16) / "exports"
+    shutil.rmtree(exports / "step-000004")  # as if killed between the two writes
+    train(run, latents, str(tiny_model), tmp_path / "x", ck, "a" * 64)
+    f = "step-000004/pytorch_lora_weights.safetensors"
+    got, want = load_file(exports / f), load_file(tmp_path / "cref" / ("a" * 16) / "exports" / f)
+    assert sorted(got) == sorted(want) and len(got) > 0
+    assert all(got[k].equal(want[k]) for k in want)
 
 
 def test_other_fingerprint_never_resumes(latents, tiny_model, tmp_path):
