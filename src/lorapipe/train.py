@@ -387,11 +387,11 @@ def _optimizer_step(st: State, epoch: int, micro: list[list[int]]) -> Taken:
     t1 = time.perf_counter()
     dt = t1 - t0
     st.step_times.append(dt)
+    st.step_images.append(n_images)
+    st.step_ends.append(t1)
     return Taken(step_record(st, epoch, None, n_images, dt, data_s, skipped), total, bad, losses)
 
 
-    st.step_images.append(n_images)
-    st.step_ends.append(t1)
 def _record(st: State, taken: Taken, t_loop: float) -> None:
     """Read a taken step's loss back (an error if it is not finite), append its metrics record,
     send it to MLflow and log progress. Returns None (the step is no longer pending)."""
