@@ -7,6 +7,8 @@ rule track:
         "results/runs/{run}/mlflow.json",
     log:
         "logs/track/{run}.log",
+    benchmark:
+        "benchmarks/track/{run}.tsv"
     conda:
         ENV
     resources:

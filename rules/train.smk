@@ -9,6 +9,8 @@ rule run_config:
         "results/runs/{run}/config.yaml",
     log:
         "logs/run_config/{run}.log",
+    benchmark:
+        "benchmarks/run_config/{run}.tsv"
     conda:
         ENV
     params:
@@ -81,6 +83,8 @@ rule export:
         "results/runs/{run}/{run}.safetensors",
     log:
         "logs/export/{run}.log",
+    benchmark:
+        "benchmarks/export/{run}.tsv"
     conda:
         ENV
     params:

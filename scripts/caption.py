@@ -1,3 +1,6 @@
+from lorapipe.jobtime import start
+
+start(snakemake.log[0])  # phases to <log>.times.json (#17)
 from lorapipe.captions import CaptionSettings, caption_shard
 from lorapipe.io import localized
 from lorapipe.logs import setup

@@ -1,3 +1,6 @@
+from lorapipe.jobtime import start
+
+start(snakemake.log[0])  # phases to <log>.times.json (#17)
 from lorapipe.demo import make_demo_dataset
 from lorapipe.logs import setup
 

@@ -1,3 +1,6 @@
+from lorapipe.jobtime import start
+
+start(snakemake.log[0])  # phases to <log>.times.json (#17)
 from lorapipe.captions import VariantSettings
 from lorapipe.io import localized
 from lorapipe.latent_folder import encode_folder

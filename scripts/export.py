@@ -1,3 +1,6 @@
+from lorapipe.jobtime import start
+
+start(snakemake.log[0])  # phases to <log>.times.json (#17)
 from pathlib import Path
 
 from lorapipe.export import export_kohya

@@ -1,3 +1,6 @@
+from lorapipe.jobtime import start
+
+start(snakemake.log[0])  # phases to <log>.times.json (#17)
 import os
 
 from lorapipe.logs import setup

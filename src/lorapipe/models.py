@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .families import Family, family_of
 from .fingerprint import tree_digest
+from .jobtime import phase
 
 
 class _Unrecognised:
@@ -90,6 +91,7 @@ def copy_configs(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out
 
 
+@phase("model")
 def load_parts(
     path: str | os.PathLike,
     parts=None,
@@ -196,6 +198,7 @@ def _pipeline_kwargs(family) -> dict:
     return dict(getattr(family, "pipeline_kwargs", _SD_PIPELINE_KWARGS))
 
 
+@phase("model")
 def load_pipeline(
     path: str | os.PathLike, original_config: str | None = None, vae: str | None = None
 ):

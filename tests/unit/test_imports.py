@@ -97,3 +97,32 @@ def test_distributed_is_a_leaf():
     """Processes and collectives only: it imports no other lorapipe module (the worker entry
     point, which trains, is lorapipe.worker)."""
     assert graph()["lorapipe.distributed"] == set()
+
+
+SCRIPTS = PKG.parents[1] / "scripts"
+# The stages that load no model (#17): importing what their script imports pulls in neither
+# torch nor diffusers (~3 s and ~4 s a process here); the rest import torch, never at planning.
+LIGHT = ("best", "caption", "captions_review", "demo_data", "export", "manifest",
+         "merge_manifest", "run_config", "shard", "sweep_table", "tiny_model", "track")  # fmt: skip
+
+
+def script_imports(name: str) -> str:
+    """The import statements of scripts/<name>.py, as one line of Python."""
+    tree = ast.parse((SCRIPTS / f"{name}.py").read_bytes())
+    nodes = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return "; ".join(ast.unparse(n) for n in nodes)
+
+
+def test_light_stage_scripts_import_no_torch_or_diffusers():
+    import json
+    import subprocess
+    import sys
+
+    assert set(LIGHT) < {p.stem for p in SCRIPTS.glob("*.py")}
+    for name in LIGHT:
+        prog = (f"{script_imports(name)}; import sys, json; "
+                "print(json.dumps([m for m in ('torch', 'diffusers', 'transformers', 'peft') "
+                "if m in sys.modules]))")  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True)
+        assert out.returncode == 0, (name, out.stderr[-2000:])
+        assert json.loads(out.stdout) == [], f"scripts/{name}.py imports {out.stdout.strip()}"
