@@ -155,6 +155,8 @@ def file_metadata(
     extra = trace_metadata(doc)
     extra.update(_dataset_fields(ds))
     extra["ss_sd_model_name"] = os.path.abspath(bm["path"]) if paths else Path(bm["path"]).name
+    if bm.get("vae"):  # a vae: override, as sd-scripts names its --vae
+        extra["ss_vae_name"] = os.path.abspath(bm["vae"]) if paths else Path(bm["vae"]).name
     extra["lorapipe_dataset"] = (
         os.path.abspath(ds["path"]) if paths and ds.get("path") else str(ds.get("name", ""))
     )

@@ -121,22 +121,34 @@ def test_run_context_records_the_override(tmp_path):
 
 def test_run_doc_fingerprint_and_mlflow_params_carry_the_vae_digest(tmp_path):
     from lorapipe.fingerprint import tree_digest
-    from lorapipe.runs import read_run_config, run_params, run_tags, write_run_config
+    from lorapipe.runs import (
+        file_metadata,
+        read_run_config,
+        run_params,
+        run_tags,
+        write_run_config,
+    )
 
     vae = vae_folder(tmp_path / "my-vae")
     model = write(tmp_path / "model" / "unet" / "config.json").parent.parent
     manifest = write(tmp_path / "manifest.jsonl", b"{}\n")
-    context = {"dataset": {"name": "mine"}, "base_model": {"name": "m", "path": str(model),
-               "vae": str(vae)}, "libraries": {}}  # fmt: skip
+    context = {
+        "dataset": {"name": "mine", "resolution": 64, "buckets": False},
+        "base_model": {"name": "m", "path": str(model), "vae": str(vae)},
+        "libraries": {},
+    }
     out = tmp_path / "config.yaml"
     fp = write_run_config({"name": "r1"}, context, "code", manifest, model, out, vae=str(vae))
     doc = read_run_config(out, context=True)
     assert doc["fingerprints"]["vae"] == tree_digest(vae) == doc["base_model"]["vae_sha256"]
     assert run_params(doc)["base_model"]["vae_sha256"] == tree_digest(vae)
     assert run_tags(doc)["lorapipe.vae_hash"] == tree_digest(vae)
+    assert file_metadata(doc, architecture={})["ss_vae_name"] == "my-vae"  # exported files
     write(vae / "diffusion_pytorch_model.safetensors", b"other weights")
     fp2 = write_run_config({"name": "r1"}, context, "code", manifest, model, out, vae=str(vae))
     assert fp2 != fp  # new VAE weights: another run (never resumes the old checkpoints)
     plain = {**context, "base_model": {"name": "m", "path": str(model), "vae": None}}
     write_run_config({"name": "r1"}, plain, "code", manifest, model, out)
-    assert "vae" not in read_run_config(out, context=True)["fingerprints"]
+    doc = read_run_config(out, context=True)
+    assert "vae" not in doc["fingerprints"]
+    assert "ss_vae_name" not in file_metadata(doc, architecture={})
