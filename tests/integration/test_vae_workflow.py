@@ -2,7 +2,7 @@
 latents are encoded with the override (their records carry its digest, their bytes differ from
 the model's own VAE's), the same override reruns nothing, new weights in its folder restale
 encode, run_config, train and sample, and the run's config.yaml and MLflow params carry its
-digest."""
+digest; the kohya file names it."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def wf(tmp_path_factory):
 
 def test_override_encodes_the_latents_and_reaches_the_run(wf):
     import mlflow
+    from safetensors import safe_open
 
     from lorapipe.fingerprint import tree_digest
 
@@ -85,6 +86,8 @@ def test_override_encodes_the_latents_and_reaches_the_run(wf):
     run = client.get_run(run_id)
     assert run.data.params["base_model.vae_sha256"] == digest
     assert run.data.tags["lorapipe.vae_hash"] == digest
+    with safe_open(str(work / "results/runs/r1/r1.safetensors"), "pt") as f:
+        assert f.metadata()["ss_vae_name"] == "fix"  # the kohya file names it, as sd-scripts
     assert planned_jobs(work, code) == {}  # the same override: nothing reruns
 
 
