@@ -36,10 +36,9 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from .families import FAMILIES, SD, Family, family_of_unet
 from .io import save_safetensors
 
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 TE_COMPONENTS = ("text_encoder", "text_encoder_2")
 SUFFIXES = {
     ".lora.down.weight": "lora_down",
@@ -132,16 +131,16 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def is_sdxl_unet(unet_config: dict | None) -> bool:
-    """Whether a UNet config is SDXL's (added pooled-text + size conditioning)."""
-    return bool(unet_config) and unet_config.get("addition_embed_type") == "text_time"
+def _family(unet_config: dict | None) -> Family:
+    """The family whose kohya names an export uses: its UNet config's (SD-1.x without one)."""
+    return family_of_unet(unet_config) or SD()
 
 
 def _kohya_key(key: str, unet_config: dict | None = None) -> tuple[str, str, str]:
-    """(component, kohya module name, lora_down|lora_up) of a diffusers LoRA key; SDXL names
-    when ``unet_config`` is SDXL's (see the module docstring)."""
-    sdxl = is_sdxl_unet(unet_config)
-    prefixes = SDXL_PREFIXES if sdxl else PREFIXES
+    """(component, kohya module name, lora_down|lora_up) of a diffusers LoRA key, named as the
+    family of ``unet_config`` names them (`Family.kohya_prefixes`, `Family.kohya_unet_module`)."""
+    family = _family(unet_config)
+    prefixes = family.kohya_prefixes
     component, _, rest = key.partition(".")
     if component not in prefixes or not rest:
         raise ValueError(f"unexpected key {key!r}: component must be one of {list(prefixes)}")
@@ -155,20 +154,21 @@ def _kohya_key(key: str, unet_config: dict | None = None) -> tuple[str, str, str
     module, kohya = match[0]
     if component in TE_COMPONENTS and not module.startswith(KOHYA_TE_ROOT):
         module = KOHYA_TE_ROOT + module
-    if component == "unet" and sdxl:
-        from .tiny_sdxl import sdxl_unet_key_to_ldm
-
-        module = sdxl_unet_key_to_ldm(f"{module}.weight", unet_config).removesuffix(".weight")
+    if component == "unet":
+        module = family.kohya_unet_module(module, unet_config)
     return component, prefixes[component] + module.replace(".", "_"), kohya
 
 
 def _check_layout(meta: dict[str, str], unet_config: dict | None) -> None:
-    """An SDXL LoRA needs its UNet config for kohya's names: refuse to guess without it."""
-    sdxl_meta = str(meta.get("ss_base_model_version", "")).startswith("sdxl")
-    if sdxl_meta and not is_sdxl_unet(unet_config):
+    """kohya's names follow the family: a LoRA whose metadata names another family than its
+    UNet config's (an SDXL LoRA exported without its UNet config) is refused, not guessed."""
+    version = str(meta.get("ss_base_model_version", ""))
+    claimed = [f for f in FAMILIES if f.base_version_prefix and version.startswith(
+        f.base_version_prefix)]  # fmt: skip
+    if claimed and _family(unet_config).name != claimed[0].name:
         raise ValueError(
-            "an SDXL LoRA (ss_base_model_version "
-            f"{meta['ss_base_model_version']}): kohya names need the base model's UNet config"
+            f"a {claimed[0].title} LoRA (ss_base_model_version {version}): kohya names need "
+            "the base model's UNet config"
         )
 
 
@@ -224,43 +224,16 @@ def safetensors_hashes(sd: dict, meta: dict[str, str]) -> tuple[str, str]:
 
 
 # --- the base model's family: kohya's and ModelSpec's labels ---------------------------------
-# (one function of the model's configs, no torch: the seam for a model-family module)
+# (each family's own, `Family.architecture`; no torch)
 
 
 def architecture_metadata(unet_config: dict, scheduler_config: dict) -> dict[str, str]:
-    """kohya's and ModelSpec's labels of an SD-1.x/2.x base model, from its diffusers configs.
-
-    ``unet_config``: unet/config.json, ``scheduler_config``: scheduler/scheduler_config.json, as
-    dicts. SD-2 is told from SD-1 by the UNet's ``cross_attention_dim`` (1024 vs 768; anything
-    below 1024, such as the tiny test model's 32, is SD-1-shaped), v-prediction by the
-    scheduler's ``prediction_type``. Values as sd-scripts writes them: ``ss_v2``,
-    ``ss_base_model_version`` (sd_v1, sd_v1_v, sd_v2, sd_v2_v), ``modelspec.architecture``
-    (stable-diffusion-v1, -v2-512 or -v2-768-v, then "/lora"), ``modelspec.prediction_type``
-    (epsilon, v). An SDXL UNet (`is_sdxl_unet`) gets sd-scripts' SDXL labels (sdxl_base_v1-0,
-    stable-diffusion-xl-v1-base/lora, and the implementation sd-scripts names for SDXL LoRAs).
-    Empty without a UNet config: nothing is guessed.
-    """
+    """kohya's and ModelSpec's labels of a base model (`Family.architecture` of its UNet
+    config's family), from its diffusers configs as dicts (unet/config.json,
+    scheduler/scheduler_config.json). Empty without a UNet config: nothing is guessed."""
     if not unet_config:
         return {}
-    v = (scheduler_config or {}).get("prediction_type") == "v_prediction"
-    if is_sdxl_unet(unet_config):  # sd-scripts: SDXL_MODEL_VERSION_STR, ARCH_SD_XL_V1_BASE
-        return {
-            "ss_v2": "False",
-            "ss_base_model_version": "sdxl_base_v1-0",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.prediction_type": "v" if v else "epsilon",
-        }
-    v2 = int(unet_config.get("cross_attention_dim") or 768) >= 1024
-    arch = "stable-diffusion-v1"
-    if v2:
-        arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
-    return {
-        "ss_v2": str(v2),
-        "ss_base_model_version": ("sd_v2" if v2 else "sd_v1") + ("_v" if v else ""),
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.prediction_type": "v" if v else "epsilon",
-    }
+    return _family(unet_config).architecture(unet_config, scheduler_config or {})
 
 
 # --- kohya / ModelSpec metadata --------------------------------------------------------------

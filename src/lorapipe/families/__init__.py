@@ -48,6 +48,15 @@ def family_of(path: str | os.PathLike, original_config: str | os.PathLike | None
     raise ValueError(f"{p}: a {what} model; lorapipe trains {names} models")
 
 
+def family_of_unet(unet_config: dict | None) -> Family | None:
+    """The family of a UNet config alone (an export that has no model folder); None when empty
+    or of no family: nothing is guessed."""
+    for family in FAMILIES if unet_config else ():
+        if family.matches({}, unet_config):
+            return family
+    return None
+
+
 def family_named(name: str) -> Family:
     """The family called ``name`` (as `Family.name` spells it)."""
     for family in FAMILIES:
@@ -56,4 +65,4 @@ def family_named(name: str) -> Family:
     raise ValueError(f"unknown model family {name!r} (have: {[f.name for f in FAMILIES]})")
 
 
-__all__ = ["FAMILIES", "SD", "SDXL", "Family", "family_named", "family_of"]
+__all__ = ["FAMILIES", "SD", "SDXL", "Family", "family_named", "family_of", "family_of_unet"]

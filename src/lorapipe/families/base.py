@@ -18,6 +18,9 @@ class Family:
     config_files: tuple[str, ...] = ()  # what a single file's `original_config` folder must hold
     text_lora_targets: tuple[str, ...] = ()  # text-encoder modules that get a LoRA
     tiny_files: dict[str, tuple[str, ...]] = {}  # the files `build_tiny` writes, per part
+    # kohya's key prefix of each component with a LoRA (``lora_unet_``, ``lora_te_``, ...)
+    kohya_prefixes: dict[str, str] = {}
+    base_version_prefix: str = ""  # how its kohya ``ss_base_model_version`` values start
 
     def matches(self, model_index: dict, unet_config: dict) -> bool:
         """Whether a model with this ``model_index.json`` and UNet config is of this family."""
@@ -55,5 +58,11 @@ class Family:
         raise NotImplementedError
 
     def architecture(self, unet_config: dict, scheduler_config: dict) -> dict[str, str]:
-        """Architecture metadata of exported files (kohya ``ss_*`` and ``modelspec.*``)."""
+        """Architecture metadata of exported files (kohya ``ss_*`` and ``modelspec.*``), from
+        the base model's UNet and scheduler configs (dicts)."""
         raise NotImplementedError
+
+    def kohya_unet_module(self, module: str, unet_config: dict) -> str:
+        """kohya's module path (dotted, before `kohya_prefixes`) of the diffusers UNet module
+        ``module``; the diffusers path itself unless the family's tools name them otherwise."""
+        return module

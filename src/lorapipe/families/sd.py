@@ -36,6 +36,8 @@ class SD(Family):
     }
     # CLIP attention projections: kohya's SD-1.x text-encoder LoRA set
     text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    base_version_prefix = "sd_v"  # sd_v1, sd_v1_v, sd_v2, sd_v2_v
 
     def matches(self, model_index: dict, unet_config: dict) -> bool:
         if model_index.get("_class_name"):
@@ -81,14 +83,20 @@ class SD(Family):
         return build_tiny_model(out_dir, seed)
 
     def architecture(self, unet_config: dict, scheduler_config: dict) -> dict[str, str]:
+        """sd-scripts' labels: SD-2 is told from SD-1 by the UNet's ``cross_attention_dim``
+        (1024 vs 768; anything below 1024, such as the tiny model's 32, is SD-1-shaped),
+        v-prediction by the scheduler's ``prediction_type``: ``ss_v2``,
+        ``ss_base_model_version`` (sd_v1, sd_v1_v, sd_v2, sd_v2_v), ``modelspec.architecture``
+        (stable-diffusion-v1, -v2-512 or -v2-768-v, then "/lora") and
+        ``modelspec.prediction_type`` (epsilon, v)."""
         v2 = int(unet_config.get("cross_attention_dim") or 768) >= 1024
-        vpred = scheduler_config.get("prediction_type") == "v_prediction"
-        version = ("sd_v2" if v2 else "sd_v1") + ("_v" if vpred else "")
-        arch = "stable-diffusion-v2-768-v" if v2 and vpred else (
-            "stable-diffusion-v2-512" if v2 else "stable-diffusion-v1"
-        )
+        v = (scheduler_config or {}).get("prediction_type") == "v_prediction"
+        arch = "stable-diffusion-v1"
+        if v2:
+            arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
         return {
-            "ss_base_model_version": version,
             "ss_v2": str(v2),
+            "ss_base_model_version": ("sd_v2" if v2 else "sd_v1") + ("_v" if v else ""),
             "modelspec.architecture": f"{arch}/lora",
+            "modelspec.prediction_type": "v" if v else "epsilon",
         }

@@ -53,6 +53,11 @@ class SDXL(Family):
     }
     # CLIP attention projections of both encoders (kohya's SDXL text-encoder LoRA set)
     text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # sd-scripts' LORA_PREFIX_TEXT_ENCODER1/2 (ComfyUI's comfy/lora.py and A1111's Lora
+    # extension map these names for SDXL)
+    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_",
+                      "text_encoder_2": "lora_te2_"}  # fmt: skip
+    base_version_prefix = "sdxl_"
     # what cond holds per caption (the latent cache stores each): hidden states, pooled output
     cond_keys = ("text", "pooled")
     pipeline_kwargs = {"add_watermarker": False}  # samples are compared bit for bit
@@ -121,12 +126,23 @@ class SDXL(Family):
         return build_tiny_sdxl(out_dir, seed)
 
     def architecture(self, unet_config: dict, scheduler_config: dict) -> dict[str, str]:
-        """sd-scripts' SDXL labels (``sdxl_base_v1-0``, ``stable-diffusion-xl-v1-base/lora``):
-        the export's, which every exported file carries."""
-        from ..export import architecture_metadata
+        """sd-scripts' SDXL labels (its SDXL_MODEL_VERSION_STR and ARCH_SD_XL_V1_BASE, and the
+        implementation it names for SDXL LoRAs); v-prediction from the scheduler config."""
+        v = (scheduler_config or {}).get("prediction_type") == "v_prediction"
+        return {
+            "ss_v2": "False",
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.prediction_type": "v" if v else "epsilon",
+        }
 
-        return architecture_metadata({**unet_config, "addition_embed_type": "text_time"},
-                                     scheduler_config)  # fmt: skip
+    def kohya_unet_module(self, module: str, unet_config: dict) -> str:
+        """sd-scripts names SDXL's UNet modules by their original (LDM) paths
+        (``library/sdxl_original_unet.py``): ``input_blocks.4.1.transformer_blocks.0.attn1``."""
+        from ..tiny_sdxl import sdxl_unet_key_to_ldm
+
+        return sdxl_unet_key_to_ldm(f"{module}.weight", unet_config).removesuffix(".weight")
 
 
 def time_ids(meta: dict) -> list[int]:
