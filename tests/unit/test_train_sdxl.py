@@ -234,3 +234,29 @@ def test_both_text_encoders_trained_at_their_own_rates(xl_latents, tiny_sdxl, tm
     pipe.load_lora_weights(str(tmp_path / "ref"))
     assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
     assert not np.array_equal(image(), base)
+
+
+def test_sdxl_two_processes_match_one_with_the_same_global_batch(xl_latents, tiny_sdxl, tmp_path):
+    """Data-parallel SDXL (2 real gloo processes, each its half of every global batch, with
+    its samples' size ids and pooled text) trains the LoRA one process trains (test_ddp's
+    tolerance: summation order differs), and rank 0 alone writes."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lorapipe.train import train
+
+    # adam_epsilon as test_ddp: Adam's sign-like update at tiny gradients would amplify the
+    # last-bit differences of a different summation order
+    one = run_config(**{**XL, "batch_size": 4}, max_steps=3, save_steps=2, adam_epsilon=1e-6)
+    two = run_config(**{**XL, "batch_size": 2}, max_steps=3, save_steps=2, adam_epsilon=1e-6,
+                     num_processes=2)
+    s1 = train(one, xl_latents, str(tiny_sdxl), tmp_path / "one", tmp_path / "c1", "d" * 64)
+    s2 = train(two, xl_latents, str(tiny_sdxl), tmp_path / "two", tmp_path / "c2", "d" * 64)
+    assert (s1["processes"], s2["processes"], s1["steps"], s2["steps"]) == (1, 2, 3, 3)
+    f = "pytorch_lora_weights.safetensors"
+    a, b = load_file(tmp_path / "one" / f), load_file(tmp_path / "two" / f)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-5), k
+    assert any(k.endswith("lora.up.weight") and a[k].abs().max() > 1e-4 for k in a)
+    assert [p.name for p in (tmp_path / "c2").iterdir()] == ["d" * 16 + "-x2"]
