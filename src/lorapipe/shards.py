@@ -62,8 +62,6 @@ def write_shard(
     them. The tar and index (and with ``checksum``, ``<out_tar>.sha256``) are committed together
     at the end: an error or a full disk leaves the previous files and no temporary file.
     """
-    import webdataset as wds
-
     root = Path(root)
     outs = [out_tar, out_index] + ([checksum_path(out_tar)] if checksum else [])
     remove_stale_temps(*outs)
@@ -76,7 +74,7 @@ def write_shard(
         with (
             open(tmps[0], "wb") as fh,
             # closed on errors too: an unclosed tar stream later writes into the closed file
-            wds.TarWriter(fh, mtime=TAR_MTIME, user="lorapipe", group="lorapipe") as writer,
+            SampleTarWriter(fh, mtime=TAR_MTIME, user="lorapipe", group="lorapipe") as writer,
         ):
             _write_samples(root, records, captions, captions_jsonl, settings, writer, index)
         lines = "".join(json.dumps(x, sort_keys=True, ensure_ascii=False) + "\n" for x in index)
@@ -86,6 +84,39 @@ def write_shard(
             with open(tmps[2], "wb") as fh:
                 fh.write(checksum_line(out_tar, sha256_file(tmps[0])).encode())
     return len(index)
+
+
+class SampleTarWriter:
+    """WebDataset samples into a tar stream, as ``webdataset.TarWriter`` writes them (its
+    default tar format, members ``<key>.<ext>`` in sorted ``ext`` order, mode 0o444, the given
+    mtime and owner names; str values as UTF-8): the same bytes, without importing webdataset,
+    whose package imports torch (~5 s a shard job, #17)."""
+
+    def __init__(self, fileobj, mtime: float, user: str, group: str):
+        import tarfile
+
+        self._tarfile = tarfile
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|")
+        self._mtime, self._user, self._group = mtime, user, group
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("_")):
+            value = sample[ext]
+            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            ti = self._tarfile.TarInfo(f"{key}.{ext}")
+            ti.size, ti.mtime, ti.mode = len(data), self._mtime, 0o444
+            ti.uname, ti.gname = self._user, self._group
+            self._tar.addfile(ti, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _write_samples(root, records, captions, captions_jsonl, settings, writer, index) -> None:

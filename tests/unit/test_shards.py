@@ -259,3 +259,30 @@ def test_stored_rgb_is_the_resized_image_and_old_png_shards_still_read(dataset, 
         w.write({"__key__": key, "rgb": img.tobytes()[:-3], "json": json.dumps(meta)})
     with pytest.raises(ValueError, match=rf"bad\.tar: sample {key}: .* bytes of pixels"):
         list(read_samples(bad))
+
+
+def test_shard_tar_is_the_bytes_webdataset_writes_and_needs_no_torch(dataset, tmp_path):
+    """#17: shards are written without webdataset (its package imports torch); the tar is the
+    one webdataset.TarWriter writes from the same samples, byte for byte."""
+    import subprocess
+    import sys
+
+    import webdataset as wds
+
+    from lorapipe.shards import TAR_MTIME
+
+    _, tar, _ = write(dataset, tmp_path / "a")
+    with tarfile.open(tar) as t:
+        samples: dict[str, dict] = {}
+        for m in t.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = t.extractfile(m).read()
+    samples[next(iter(samples))]["json"] = samples[next(iter(samples))]["json"].decode()  # a str
+    ref = tmp_path / "ref.tar"
+    with open(ref, "wb") as fh, wds.TarWriter(fh, mtime=TAR_MTIME, user="lorapipe",
+                                              group="lorapipe") as w:  # fmt: skip
+        for s in samples.values():
+            w.write(s)
+    assert ref.read_bytes() == tar.read_bytes()
+    prog = "import sys, lorapipe.shards; assert not {'torch', 'webdataset'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", prog], check=True)
