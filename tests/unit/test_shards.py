@@ -284,5 +284,15 @@ def test_shard_tar_is_the_bytes_webdataset_writes_and_needs_no_torch(dataset, tm
         for s in samples.values():
             w.write(s)
     assert ref.read_bytes() == tar.read_bytes()
-    prog = "import sys, lorapipe.shards; assert not {'torch', 'webdataset'} & set(sys.modules)"
+    root, manifest, captions = dataset
+    out = tmp_path / "b"
+    out.mkdir()
+    prog = (  # a shard job's work, in a fresh interpreter
+        "import sys; from lorapipe.shards import ShardSettings, write_shard; "
+        f"write_shard({str(root)!r}, {str(manifest)!r}, {str(captions)!r}, ShardSettings("
+        "resolution=64, bucket_step=16, buckets=True, max_pixels=10**7, background='#ffffff'), "
+        f"{str(out / '0.tar')!r}, {str(out / '0.jsonl')!r}); "
+        "assert not {'torch', 'webdataset'} & set(sys.modules), sys.modules.keys()"
+    )
     subprocess.run([sys.executable, "-c", prog], check=True)
+    assert (out / "0.tar").read_bytes() == tar.read_bytes()
