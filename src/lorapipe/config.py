@@ -439,6 +439,7 @@ class RunConfig:
     validation_prompts: tuple[str, ...]
     validation_steps: int
     val_every_steps: int | None
+    metadata_paths: bool
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:

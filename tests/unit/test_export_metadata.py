@@ -250,3 +250,15 @@ def test_checkpoint_exports_carry_what_training_passes(tmp_path):
     assert json.loads(meta["ss_dataset_dirs"]) == {"demo": {"n_repeats": 1, "img_count": 5}}
     _, dmeta = read(out / "pytorch_lora_weights.safetensors")
     assert not any(k.startswith(("ss_", "modelspec.")) for k in dmeta)  # kohya fields: kohya only
+
+
+def test_metadata_paths_is_a_run_key_of_the_config(tmp_path):
+    """``runs.<name>.metadata_paths`` is a schema key (default false), so a user can ask for it."""
+    from lorapipe.config import load_config, load_yaml, resolve_run
+
+    cfg = load_yaml(Path(__file__).resolve().parents[2] / "config" / "config.yaml")
+    load_config(cfg, check_files=False)
+    assert resolve_run(cfg, "demo").metadata_paths is False
+    cfg["runs"]["demo"]["metadata_paths"] = True
+    load_config(cfg, check_files=False)
+    assert resolve_run(cfg, "demo").to_dict()["metadata_paths"] is True
