@@ -46,6 +46,44 @@ def name_bytes(rel: str) -> bytes:
     return rel.encode("utf-8", "surrogateescape")
 
 
+# `shards: auto`: one shard per this many images (rounded up), at most AUTO_SHARDS_MAX.
+AUTO_IMAGES_PER_SHARD = 250
+AUTO_SHARDS_MAX = 256
+
+
+def auto_shard_count(images: int) -> int:
+    """The shard count `shards: auto` chooses for a dataset of ``images`` images: one shard per
+    `AUTO_IMAGES_PER_SHARD` images, rounded up (1 for up to 250 images, 4 for 1,000, 256 from
+    64,000 on): few jobs for a small set, enough per-shard jobs to spread a large one."""
+    return max(1, min(AUTO_SHARDS_MAX, -(-images // AUTO_IMAGES_PER_SHARD)))
+
+
+def chosen_shard_count(record: Path, images) -> int:
+    """The shard count of a `shards: auto` dataset: the one recorded in ``record`` (JSON,
+    ``results/<dataset>/shards.json``) when there is one, else `auto_shard_count` of
+    ``images()`` (called only then), recorded there. Kept once chosen, so adding images later
+    restales one shard, not all of them; delete the file to choose again."""
+    import json
+
+    from .io import atomic_write_text
+
+    try:
+        n = json.loads(record.read_text(encoding="utf-8"))["shards"]
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+            return n
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # unreadable or damaged: chosen again (below) and rewritten
+    count = len(images())
+    n = auto_shard_count(count)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"shards": n, "images_when_chosen": count, "rule": f"ceil(images / "
+           f"{AUTO_IMAGES_PER_SHARD}), at most {AUTO_SHARDS_MAX}"}  # fmt: skip
+    atomic_write_text(record, json.dumps(doc, indent=1) + "\n")
+    return n
+
+
 def shard_index(rel: str, shards: int) -> int:
     """The shard of an image: :func:`lorapipe.manifest.shard_of`, also for a non-UTF-8 name.
 
@@ -165,6 +203,7 @@ class Planner:
         self._overrides: dict[str, dict[str, str]] = {}
         self._model_files: dict[tuple[str, tuple[str, ...]], list[str]] = {}
         self._sweeps: dict[str, list[tuple[str, dict]]] | None = None
+        self._shard_counts: dict[str, int] = {}
 
     # Datasets and shards
 
@@ -176,9 +215,21 @@ class Planner:
         """The dataset's folder, as configured."""
         return self.dataset_settings(dataset)["path"]
 
+    def shard_count(self, dataset: str) -> int:
+        """The dataset's shard count: its ``shards``, or for ``auto`` the count chosen once and
+        kept in ``results/<dataset>/shards.json`` (`chosen_shard_count`)."""
+        n = self.dataset_settings(dataset)["shards"]
+        if n != "auto":
+            return n
+        if dataset not in self._shard_counts:
+            record = Path("results") / dataset / "shards.json"
+            self._shard_counts[dataset] = chosen_shard_count(record, lambda: self.images(dataset))
+        return self._shard_counts[dataset]
+
     def shard_ids(self, dataset: str) -> list[str]:
-        """The shard wildcards of a dataset: ``00000`` … (known without listing its images)."""
-        return [f"{i:05d}" for i in range(self.dataset_settings(dataset)["shards"])]
+        """The shard wildcards of a dataset: ``00000`` … (known without listing its images,
+        unless ``shards: auto`` has not chosen its count yet)."""
+        return [f"{i:05d}" for i in range(self.shard_count(dataset))]
 
     def images(self, dataset: str) -> list[str]:
         """Relative paths of the dataset's images (known without generating synthetic data).
@@ -202,7 +253,7 @@ class Planner:
     def shard_relpaths(self, dataset: str, shard: str | int) -> list[str]:
         """Images of one shard; all shards are assigned in one pass (not one pass per shard)."""
         if dataset not in self._by_shard:
-            n = self.dataset_settings(dataset)["shards"]
+            n = self.shard_count(dataset)
             groups: dict[int, list[str]] = {i: [] for i in range(n)}
             for rel in self.images(dataset):
                 groups[shard_index(rel, n)].append(rel)
@@ -428,7 +479,11 @@ class Planner:
         """What a run's config.yaml records besides its own settings."""
         r = self.runs[run]
         out = {
-            "dataset": {"name": r.dataset, **self.dataset_settings(r.dataset)},
+            "dataset": {
+                "name": r.dataset,
+                **self.dataset_settings(r.dataset),
+                "shards": self.shard_count(r.dataset),
+            },  # auto: the count chosen
             "base_model": {"name": r.base_model, **self.models[r.base_model]},
             "libraries": dict(libraries),
         }

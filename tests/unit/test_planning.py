@@ -400,3 +400,49 @@ def test_sample_grids_track_inputs_and_encode_outputs(tmp_path):
     folder = "results/mine/latents/{model}-{res}-{dtype}"
     assert plan.latent_tars("mine") == [f"{folder}/0000{i}.tar" for i in range(SHARDS)]
     assert plan.encode_runtime("mine") == 60
+
+
+def test_auto_shard_count_follows_the_dataset_size():
+    from lorapipe.planning import auto_shard_count
+
+    got = [auto_shard_count(n) for n in (1, 40, 250, 251, 1000, 10_000, 64_000, 10**6)]
+    assert got == [1, 1, 1, 2, 4, 40, 256, 256]
+
+
+def test_shards_auto_is_chosen_once_and_kept_as_the_dataset_grows(tmp_path, monkeypatch):
+    """`shards: auto` picks the count from the images at the first plan and records it in
+    results/<dataset>/shards.json; later plans keep it (adding images restales one shard, not
+    all), the run's config records the number, and deleting the file chooses again."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    for i in range(3):
+        write(tmp_path / "mine" / f"a{i}.png")
+    auto = {"mine": {"path": str(tmp_path / "mine"), "shards": "auto"}}
+    cfg = make_config(tmp_path, datasets=auto)
+    assert cfg["datasets"]["mine"]["shards"] == "auto"
+    plan = Planner(cfg)
+    assert plan.shard_ids("mine") == ["00000"]
+    record = tmp_path / "results" / "mine" / "shards.json"
+    assert json.loads(record.read_text())["shards"] == 1
+    assert json.loads(record.read_text())["images_when_chosen"] == 3
+    for i in range(300):  # now 303 images: auto would choose 2
+        write(tmp_path / "mine" / f"b{i:03d}.png")
+    again = Planner(make_config(tmp_path, datasets=auto))
+    assert again.shard_ids("mine") == ["00000"]
+    assert len(again.shard_relpaths("mine", "00000")) == 303
+    assert again.run_context("r1", {})["dataset"]["shards"] == 1
+    record.unlink()
+    assert Planner(make_config(tmp_path, datasets=auto)).shard_ids("mine") == ["00000", "00001"]
+    record.write_text("{not json")  # damaged: chosen again, rewritten
+    assert Planner(make_config(tmp_path, datasets=auto)).shard_count("mine") == 2
+    assert json.loads(record.read_text())["shards"] == 2
+
+
+def test_shards_must_be_a_count_or_auto(tmp_path):
+    from lorapipe.config import ConfigError
+
+    for bad, msg in (("many", "does not match"), (0, "less than the minimum")):
+        ds = {"mine": {"path": str(tmp_path / "mine"), "shards": bad}}
+        with pytest.raises(ConfigError, match=rf"datasets\.mine\.shards: .*{msg}"):
+            make_config(tmp_path, datasets=ds)
