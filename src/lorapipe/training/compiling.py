@@ -39,14 +39,19 @@ def _warm_up_passes(st, forward, shapes: list[list[int]]) -> None:
     names = list(st.recipe.empty)
     for batch in shapes:
         z = torch.stack([st.samples[i]["mean"].float() * st.model.scaling for i in batch]).to(dev)
-        cond = {n: torch.stack([st.samples[i][n].float() for i in batch]).to(dev) for n in names}
-        if st.model.trains_text:  # as in training, where cond comes from the trained encoders
-            for v in cond.values():  # (SDXL's pooled text_embeds too: no recompile at step 1)
-                v.requires_grad_(True)
+        metas = [st.samples[i]["meta"] for i in batch]
         timesteps = torch.full((len(batch),), t_mid, device=dev, dtype=torch.long)
-        added = st.family.added_cond(cond, [st.samples[i]["meta"] for i in batch], dev)
-        kwargs = {"added_cond_kwargs": added} if added is not None else {}
         with st.device.autocast():
+            if st.model.trains_text:  # as in training: the trained encoders' outputs, with
+                # grad and in their autocast dtypes (SDXL's pooled text_embeds, and the time_ids
+                # made in its dtype, are bf16/fp16 there): no recompile at step 1
+                prompts = [m.get("caption", "") for m in metas]
+                cond = st.family.encode_prompts(st.model.text_parts, prompts, dev)
+            else:
+                cond = {n: torch.stack([st.samples[i][n].float() for i in batch]).to(dev)
+                        for n in names}  # fmt: skip
+            added = st.family.added_cond(cond, metas, dev)
+            kwargs = {"added_cond_kwargs": added} if added is not None else {}
             pred = forward(z, timesteps, cond["text"], return_dict=False, **kwargs)[0]
         pred.float().pow(2).mean().backward()
 
