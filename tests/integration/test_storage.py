@@ -67,8 +67,7 @@ def test_dry_run_maps_every_result_to_storage_and_reads_a_given_model_in_place(s
     # a base model given by path (not built by the workflow) stays where it is
     model = build_tiny_model(tmp_path / "sd", seed=0)
     cfg = yaml.safe_load((work / "cfg.yaml").read_text())
-    (name,) = cfg["base_models"]
-    cfg["base_models"][name] = {"path": str(model)}
+    cfg["base_models"]["tiny-sd"] = {"path": str(model)}  # tiny-sdxl: still built, in storage
     write_config(work / "cfg.yaml", cfg)
     paths = planned_paths(work, code, s3, "demo")
     local = [p for p in paths if not p.startswith(f"s3://{s3.bucket}/")]
