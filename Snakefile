@@ -24,6 +24,11 @@ include: "rules/track.smk"
 include: "rules/validation.smk"
 
 
+# One warm process for the model stages' jobs while this invocation runs (lorapipe.warm, #17).
+onstart:
+    start_warm_worker()
+
+
 rule all:
     default_target: True
     input:

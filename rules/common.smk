@@ -51,6 +51,16 @@ LIBS_IMAGE = pil_identity()
 LIBS_TORCH = versions("torch", "diffusers", "transformers", "peft")
 
 
+def start_warm_worker():
+    """Local runs: start the warm worker the model stages' jobs are forked from (lorapipe.warm;
+    off with `warm_worker: false`). Cluster jobs run where there is none and import for
+    themselves."""
+    if workflow.local_exec and config.get("warm_worker", True):
+        from lorapipe import warm
+
+        warm.start("logs/warm_worker.log")
+
+
 def shard_ids(dataset):
     return PLAN.shard_ids(dataset)
 

@@ -1,6 +1,9 @@
 from lorapipe.jobtime import start
 
 start(snakemake.log[0])  # phases to <log>.times.json (#17)
+from lorapipe.warm import delegate
+
+delegate()  # in the warm worker if it is ready (#17)
 import os
 
 from lorapipe.logs import setup

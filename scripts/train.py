@@ -1,6 +1,9 @@
 from lorapipe.jobtime import start
 
 start(snakemake.log[0])  # phases to <log>.times.json (#17)
+from lorapipe.warm import delegate
+
+delegate(wait=True)  # in the workflow's warm worker when it serves this job (#17)
 import torch
 
 from lorapipe.io import localized

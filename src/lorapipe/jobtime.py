@@ -12,6 +12,9 @@ input of anything, so writing it restales nothing. Phases, in seconds:
   imports excluded;
 - ``work``: the rest, to exit.
 
+Also ``warm``: whether the job ran in the warm worker (`lorapipe.warm`; its libraries imported
+already, ``interpreter`` then counts the client's start and the hand-over).
+
 Also ``heavy``: which of torch, diffusers, transformers, peft, mlflow the job had imported.
 Stdlib only, and cheap: one meta-path finder that wraps loaders, a few clock reads.
 """
@@ -32,15 +35,24 @@ _state: dict = {"imports": 0.0, "model": 0.0, "model_imports": 0.0, "depth": 0, 
 
 
 def process_start() -> float | None:
-    """Unix time this process started (boot time + its start in clock ticks), or None."""
+    """Unix time this job's process started, or None.
+
+    From ``/proc/self/stat`` (its start in clock ticks since boot) against the boot clock now;
+    ``btime`` of ``/proc/stat`` is whole seconds and would add up to a second. A job run in the
+    warm worker (`lorapipe.warm`) counts from its own client process's start."""
+    handed = os.environ.get("LORAPIPE_JOB_START")
+    if handed and os.environ.get("LORAPIPE_WARM_CHILD"):
+        try:
+            return float(handed)
+        except ValueError:
+            pass
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22 of stat; 20th after the command's ")"
-        with open("/proc/stat") as f:
-            btime = next(int(x.split()[1]) for x in f if x.startswith("btime "))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        since = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - since
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
@@ -119,6 +131,7 @@ def phases() -> dict:
         "model": model,
         "work": max(0.0, total - _state["imports"] - model),
         "heavy": [m for m in HEAVY if m in sys.modules],
+        "warm": bool(os.environ.get("LORAPIPE_WARM_CHILD")),
     }
 
 

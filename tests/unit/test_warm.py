@@ -1,0 +1,191 @@
+"""lorapipe.warm: a job run in the warm worker is the job, exactly, in a process that has its
+libraries imported already; and a job it cannot serve runs cold, as before (#17).
+
+Real processes throughout: a server (preloading torch only, to keep this quick), client jobs
+started as Snakemake starts them (``python script.py``), real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from lorapipe import warm
+
+pytestmark = pytest.mark.skipif(not warm.supported(), reason="warm workers need Linux pidfds")
+
+SRC = str(Path(warm.__file__).resolve().parents[1])
+
+PROBE = """\
+import json, os, sys
+pre = {"torch": "torch" in sys.modules,
+       "lorapipe": sorted(m for m in sys.modules if m.startswith("lorapipe"))}
+from lorapipe.warm import delegate
+delegate(wait=True)
+"""
+
+
+def gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True  # a zombie: dead, its parent not yet told
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module, its parent this test process; (environment, log path)."""
+    log = tmp_path_factory.mktemp("warm") / "warm_worker.log"
+    saved = os.environ.get(warm.ENV)
+    path = warm.start(str(log), modules=("torch",))
+    env = {**os.environ, "PYTHONPATH": SRC, warm.ENV: os.environ[warm.ENV]}
+    if saved is None:
+        del os.environ[warm.ENV]
+    else:
+        os.environ[warm.ENV] = saved
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path + ".ready"):
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    yield env, log
+    proc = warm._started.pop()
+    proc.kill()
+    proc.wait()
+
+
+def job(tmp_path: Path, body: str, env: dict, *args, umask: int | None = None, **kw):
+    script = tmp_path / "job.py"
+    script.write_text(PROBE + body)
+    preexec = (lambda: os.umask(umask)) if umask is not None else None
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                          text=True, preexec_fn=preexec, timeout=120, **kw)  # fmt: skip
+
+
+REPORT = """\
+print(json.dumps({**pre, "pid": os.getpid(), "argv": sys.argv[1:], "cwd": os.getcwd(),
+                  "foo": os.environ.get("FOO"), "worker": os.environ.get("LORAPIPE_WARM_CHILD")}))
+"""
+
+
+def test_a_job_runs_in_the_worker_as_itself(tmp_path, server):
+    env, _ = server
+    work = tmp_path / "work"
+    work.mkdir()
+    body = REPORT + 'open("made.txt", "w").write("x")\nprint("to stderr", file=sys.stderr)\n'
+    body += "sys.exit(3)\n"
+    out = job(tmp_path, body, {**env, "FOO": "bar"}, "a", "b c", umask=0o027, cwd=work)
+    assert out.returncode == 3, out.stderr
+    rec = json.loads(out.stdout)
+    assert rec["torch"] is True  # imported already: the worker's
+    assert rec["lorapipe"] == []  # lorapipe itself is imported fresh, from disk, in the job
+    assert rec["worker"] == "1"
+    assert (rec["argv"], rec["cwd"], rec["foo"]) == (["a", "b c"], str(work), "bar")
+    assert "to stderr" in out.stderr
+    assert (work / "made.txt").stat().st_mode & 0o777 == 0o640  # the job's umask
+
+
+def test_a_failing_job_fails_with_its_traceback(tmp_path, server):
+    env, _ = server
+    out = job(tmp_path, REPORT + "raise ValueError('boom in the job')\n", env)
+    assert out.returncode == 1
+    assert json.loads(out.stdout.splitlines()[0])["torch"] is True
+    assert "Traceback" in out.stderr and "ValueError: boom in the job" in out.stderr
+
+
+def test_kill_9_of_the_job_kills_its_work(tmp_path, server):
+    """Snakemake (or a test) kills the job's process group: the work in the worker dies too."""
+    env, _ = server
+    pidfile = tmp_path / "pid"
+    script = tmp_path / "job.py"
+    script.write_text(PROBE + f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+                      "import time\ntime.sleep(120)\n")  # fmt: skip
+    client = subprocess.Popen([sys.executable, str(script)], env=env)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline and client.poll() is None
+        time.sleep(0.05)
+    worker_pid = int(pidfile.read_text())
+    assert worker_pid != client.pid
+    client.kill()
+    client.wait()
+    assert gone(worker_pid)
+
+
+def test_sigterm_of_the_job_stops_its_work_and_the_job_dies_of_it(tmp_path, server):
+    env, _ = server
+    pidfile = tmp_path / "pid"
+    script = tmp_path / "job.py"
+    script.write_text(PROBE + f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+                      "import time\ntime.sleep(120)\n")  # fmt: skip
+    client = subprocess.Popen([sys.executable, str(script)], env=env)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(timeout=30) == -signal.SIGTERM
+    assert gone(int(pidfile.read_text()))
+
+
+@pytest.mark.parametrize("where", ["unset", "no socket", "other host"])
+def test_without_a_worker_for_it_a_job_runs_cold(tmp_path, where):
+    env = {k: v for k, v in os.environ.items() if k != warm.ENV}
+    env["PYTHONPATH"] = SRC
+    if where == "no socket":
+        env[warm.ENV] = f"{socket.gethostname()}\t{tmp_path / 'none.sock'}"
+    elif where == "other host":
+        env[warm.ENV] = f"not-{socket.gethostname()}\t{tmp_path / 'none.sock'}"
+    out = job(tmp_path, REPORT, env)
+    assert out.returncode == 0, out.stderr
+    rec = json.loads(out.stdout)
+    assert rec["torch"] is False and rec["worker"] is None
+
+
+def test_a_job_with_another_import_environment_is_refused_and_runs_cold(tmp_path, server):
+    env, log = server
+    out = job(tmp_path, REPORT, {**env, "HF_HOME": str(tmp_path / "hf")})
+    assert out.returncode == 0, out.stderr
+    rec = json.loads(out.stdout)
+    assert rec["torch"] is False and rec["worker"] is None
+    assert "import-time environment differs: HF_HOME" in log.read_text()
+
+
+def test_the_server_exits_with_the_process_that_started_it(tmp_path):
+    prog = textwrap.dedent(f"""
+        import time
+        from lorapipe import warm
+        path = warm.start({str(tmp_path / "w.log")!r}, modules=())
+        print(path, warm._started[0].pid, flush=True)
+        time.sleep(120)
+    """)
+    starter = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": SRC})  # fmt: skip
+    path, pid = starter.stdout.readline().split()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path + ".ready"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    starter.kill()
+    starter.wait()
+    assert gone(int(pid))
+    assert not os.path.exists(path) and not os.path.exists(path + ".ready")
+    assert "ended" in (tmp_path / "w.log").read_text()
+
+
+def test_the_socket_folder_is_the_users_alone():
+    st = os.stat(warm.socket_dir())
+    assert st.st_uid == os.getuid() and st.st_mode & 0o777 == 0o700
