@@ -58,7 +58,8 @@ def start_warm_worker():
     if workflow.local_exec and config.get("warm_worker", True):
         from lorapipe import warm
 
-        warm.start("logs/warm_worker.log")
+        idle_s = 60.0 * config.get("warm_worker_idle_minutes", 10)
+        warm.start("logs/warm_worker.log", idle_s=idle_s)
 
 
 def shard_ids(dataset):

@@ -30,6 +30,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_worker():
+    """The workflows run by the tests share one warm worker (lorapipe.warm, default idle time):
+    stop it when the session ends rather than leave it idling."""
+    yield
+    from lorapipe import warm
+
+    warm.stop(idle_s=600.0)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny SD-1.x-shaped diffusers folder, built from code with seed 0."""

@@ -2,37 +2,44 @@
 transformers, peft and mlflow imported already.
 
 Importing those costs a model-stage job 2-10 s of its life, more than most jobs of a small run
-spend working. So for the length of one local Snakemake invocation (its ``onstart`` calls
-`start`) one server process imports them once, and every job that asks (`delegate`) is run in a
-child forked from it: the job's own script, Snakemake's preamble included, executed from the top
-in that child, with the job's argv, working directory, environment, umask, standard streams and
-sys.path. A job is its own process still; it only skips the imports.
+spend working. So one server process imports them once, and every job that asks (`delegate`)
+is run in a child forked from it: the job's own script, Snakemake's preamble included, executed
+from the top in that child, with the job's argv, working directory, environment, umask, standard
+streams and sys.path. A job is its own process still; it only skips the imports.
+
+A local Snakemake's ``onstart`` calls `start`: it connects to the server of this interpreter
+and import-time environment (one per such key, shared by every workflow folder of this user),
+or starts one, and registers itself. A server exits once no registered Snakemake is alive and
+no job has run for its idle time (``warm_worker_idle_minutes``; 0: with the last Snakemake).
+So a second run right after a first (a changed setting) finds it warm.
 
 What keeps this exact:
 
 - **Code is read fresh.** The server imports third-party libraries only; every ``lorapipe``
   module a job uses is imported in the job's child, from disk (the server's own ``lorapipe`` is
   dropped from the child's ``sys.modules``). A job's code param (``script_code``) therefore
-  means what it means in a cold process.
+  means what it means in a cold process. This module's own source is in the server's key: a
+  changed lorapipe.warm gets a server of its own.
 - **Same libraries or no warm start.** The child must resolve each preloaded library from the
   job's own ``sys.path`` to the very file the server loaded, run the same interpreter, and see
   the same import-time environment (``HF_*``, ``TORCH*``, ``PYTHON*`` ...: `IMPORT_ENV`);
-  otherwise the server refuses and the job runs cold, as before. So does a job that finds no
-  server, a server still importing (unless the job waits: ``delegate(wait=True)``), another
-  host's server, or a non-Linux system.
+  otherwise the server refuses and the job runs cold, as before. A preloaded library whose files
+  changed on disk since (an upgrade) retires the server: it refuses every job from then on and
+  exits when its children have, and the next Snakemake starts a fresh one. A job also runs cold
+  when it finds no server, a server still importing (unless the job waits:
+  ``delegate(wait=True)``), another host's server, or a non-Linux system.
 - **Kill anywhere.** The job's own process (the client) stays in Snakemake's process group
   and waits; SIGTERM/SIGINT/SIGHUP are passed on to the child; when the client dies (kill -9 of
-  the group) the child sees its connection close and kills itself at once. The server exits
-  when the Snakemake process that started it does (a pidfd), killing any child left.
+  the group) the child sees its connection close and kills itself at once.
 - **Exit status and diagnostics** are the job's: the client exits with the child's status (or
-  dies of its signal); tracebacks go to the job's own stderr, logs to its log file.
+  dies of its signal); tracebacks go to the job's own stderr, logs to its log file; a refusal
+  is one line on the job's stderr, with the reason.
 
-Transport: a Unix socket in a 0700 folder of this user's (``$XDG_RUNTIME_DIR`` or the temporary
-folder), peer credentials checked; a request is JSON, with the job's three standard streams
-passed as file descriptors (SCM_RIGHTS). No pickle crosses it.
-
-The server's log (what it preloaded and how long it took, each job served or refused and why)
-is ``logs/warm_worker.log`` of the workflow. Off with ``warm_worker: false``.
+Transport: a Unix socket in a 0700 folder of this user's (``$XDG_RUNTIME_DIR`` or ``/tmp``),
+peer credentials checked; a request is JSON, with the job's three standard streams passed as
+file descriptors (SCM_RIGHTS). No pickle crosses it. The server's log (what it preloaded and how
+long it took, each job served or refused and why) is ``<socket>.log`` beside it; a workflow's
+``logs/warm_worker.log`` names it. ``python -m lorapipe.warm stop`` stops this user's servers.
 Stdlib only at import: the Snakefile imports this module while planning.
 """
 
@@ -66,8 +73,10 @@ PRELOAD_NAMES = {
 }  # fmt: skip
 # Environment read when those libraries are imported: a job whose values differ from the
 # server's runs cold. (Thread counts, OMP_NUM_THREADS and the like, are applied in the child.)
+# (mlflow reads its MLFLOW_* settings when called, not at import: a job's own apply.)
 IMPORT_ENV = ("PYTHON", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_",
-              "LD_", "MALLOC_", "KMP_", "GOMP_", "MLFLOW_", "TOKENIZERS_")  # fmt: skip
+              "LD_", "MALLOC_", "KMP_", "GOMP_", "TOKENIZERS_")  # fmt: skip
+FIRST_HELLO_S = 30.0  # a new server waits this long for its first Snakemake in any case
 HANDSHAKE_S = 600.0  # a job waits at most this long for a server still importing
 _HEADER = struct.Struct("!I")
 
@@ -99,28 +108,111 @@ def _import_env(env: dict) -> dict:
 # --------------------------------------------------------------------------- the workflow side
 
 
-def start(log_path: str, parent_pid: int | None = None, modules=None) -> str | None:
-    """Start a server for this process (Snakemake's main one) and tell its jobs where it is
-    (the ``LORAPIPE_WARM`` environment variable). Returns the socket path, or None where warm
-    workers are not supported. The server exits when ``parent_pid`` (this process) does.
-    ``modules``: what it imports, when not `PRELOAD` (tests)."""
+def server_key(idle_s: float, modules=None) -> str:
+    """What a server is shared by: this interpreter, its import-time environment, this module's
+    source, the idle time and the preloaded modules."""
+    import hashlib
+
+    with open(__file__, "rb") as f:
+        me = hashlib.sha256(f.read()).hexdigest()
+    ident = [os.path.realpath(sys.executable), sorted(_import_env(os.environ).items()), me,
+             idle_s, list(modules) if modules is not None else None]  # fmt: skip
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+
+
+def start(log_path: str, idle_s: float = 600.0, modules=None) -> str | None:
+    """Connect this process (Snakemake's main one) to its warm worker, starting one if none
+    runs, and tell its jobs where it is (the ``LORAPIPE_WARM`` environment variable). Returns
+    the socket path, or None where warm workers are not supported. ``log_path`` gets a line
+    naming the server and its log. ``modules``: what it imports, when not `PRELOAD` (tests)."""
     if not supported():
         return None
+    import fcntl
+
+    folder = socket_dir()
+    key = server_key(idle_s, modules)
+    path = os.path.join(folder, f"{key}.sock")
+    for _attempt in range(2):  # twice: a server may exit idle between our probe and hello
+        with open(os.path.join(folder, f"{key}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            started = not _alive(path)
+            if started:
+                _spawn(path, idle_s, modules)
+        if _send(path, {"kind": "hello", "pid": os.getpid()}):
+            break
+    os.environ[ENV] = f"{socket.gethostname()}\t{path}"
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)) or ".", exist_ok=True)
+    with open(log_path, "w") as f:
+        how = "started now" if started else "already running"
+        f.write(f"warm worker {path} ({how}); its log: {path}.log\n")
+    return path
+
+
+def _spawn(path: str, idle_s: float, modules) -> None:
+    """Start a server at ``path``; return once it listens (it imports after that)."""
     import subprocess
 
-    parent_pid = parent_pid or os.getpid()
-    path = os.path.join(socket_dir(), f"{parent_pid}-{os.urandom(4).hex()}.sock")
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)) or ".", exist_ok=True)
-    with open(log_path, "w") as log:
+    for p in (path, path + ".ready"):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    with open(path + ".log", "a") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lorapipe.warm", "serve", path, str(parent_pid)]
+            [sys.executable, "-m", "lorapipe.warm", "serve", path, repr(idle_s)]
             + ([",".join(modules)] if modules is not None else []),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True,
         )  # fmt: skip
-    _started.append(proc)  # kept: never waited on, it watches us
-    os.environ[ENV] = f"{socket.gethostname()}\t{path}"
-    return path
+    _started.append(proc)  # never waited on: it outlives us by design
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def stop(idle_s: float = 600.0, modules=None) -> bool:
+    """Ask the server `start` would use from this environment to stop (it exits when its jobs
+    have); whether one was there to ask."""
+    if not supported():
+        return False
+    return _send(os.path.join(socket_dir(), f"{server_key(idle_s, modules)}.sock"),
+                 {"kind": "stop"})  # fmt: skip
+
+
+def stop_all() -> list[str]:
+    """Ask every warm worker of this user's to stop (each exits when its jobs have); the
+    sockets asked."""
+    if not supported():
+        return []
+    folder = socket_dir()
+    asked = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".sock") and _send(os.path.join(folder, name), {"kind": "stop"}):
+            asked.append(os.path.join(folder, name))
+    return asked
+
+
+def _alive(path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(path)
+        return True
+    except OSError:
+        return False
+
+
+def _send(path: str, msg: dict) -> bool:
+    """One message to a server, not waiting for it to be read (it may be importing still)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(path)
+            body = json.dumps(msg).encode()
+            s.sendall(_HEADER.pack(len(body)) + body)
+        return True
+    except OSError:
+        return False
 
 
 _started: list = []
@@ -150,7 +242,10 @@ def delegate(wait: bool = False) -> None:
     except OSError:
         return
     if not reply or "pid" not in reply:
-        return  # refused (the reason is in the worker's log) or the worker is gone: run cold
+        if reply and reply.get("refused"):
+            print(f"lorapipe: the warm worker did not take this job ({reply['refused']}); "
+                  "running it here", file=sys.stderr, flush=True)  # fmt: skip
+        return  # refused, or the worker is gone: run cold
     conn.settimeout(None)
     _wait_for(conn, reply["pid"])
 
@@ -160,7 +255,7 @@ def _send_request(conn: socket.socket) -> None:
 
     started = jobtime.process_start()
     body = json.dumps({
-        "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ),
+        "kind": "job", "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ),
         "umask": _umask(), "sys_path": sys.path, "executable": os.path.realpath(sys.executable),
         "started": started if started is not None else time.time(),
     }).encode()  # fmt: skip
@@ -265,47 +360,191 @@ def refusal(req: dict, modules=PRELOAD) -> str | None:
     return None
 
 
-def serve(path: str, parent_pid: int, modules=PRELOAD, names=PRELOAD_NAMES) -> None:
+def serve(path: str, idle_s: float, modules=PRELOAD, names=PRELOAD_NAMES) -> None:
     """Listen at ``path`` (bound before the imports, so an early job queues instead of failing),
-    import, then serve until ``parent_pid`` exits."""
-    parent = os.pidfd_open(parent_pid)
+    import, then serve until no registered Snakemake is alive and no job has run for
+    ``idle_s`` seconds, or until retired."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(64)
-    children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        listener.bind(tmp)
+        listener.listen(64)
+        os.rename(tmp, path)  # the path appears listening: a job never finds it refusing
+    except OSError as e:
+        _log(f"not serving: {path}: {e}")
+        return
+    srv = _Server(path, listener, idle_s, modules)
     try:
         t = time.perf_counter()
         global _SERVER_ENV
         _SERVER_ENV = _import_env(os.environ)  # as the jobs will have it
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # never initialise CUDA here
         preload(modules, names)
-        why_not = _unforkable()
-        _log(f"preloaded in {time.perf_counter() - t:.2f} s" + (f"; {why_not}" if why_not else ""))
+        srv.stamps = _stamps(modules)
+        srv.why_not = _unforkable()
+        _log(f"pid {os.getpid()} preloaded in {time.perf_counter() - t:.2f} s"
+             + (f"; {srv.why_not}" if srv.why_not else ""))  # fmt: skip
         open(path + ".ready", "w").close()
-        while True:
-            ready, _, _ = select.select([parent, listener, *children], [], [])
-            if parent in ready:
-                _log(f"workflow process {parent_pid} ended")
-                return
-            for fd in ready:
-                if fd in children:
-                    _reap(fd, children)
-            if listener in ready:
-                _accept(listener, children, why_not, modules)
+        # whoever started it says hello next: wait for that a while, whatever the idle time
+        srv.idle_since = time.monotonic() + max(0.0, FIRST_HELLO_S - idle_s)
+        srv.loop()
     finally:
-        for pid, _conn in children.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in (path, path + ".ready"):
+        srv.close()
+
+
+class _Server:
+    def __init__(self, path: str, listener: socket.socket, idle_s: float, modules):
+        self.path, self.listener, self.idle_s, self.modules = path, listener, idle_s, modules
+        self.children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
+        self.parents: dict[int, int] = {}  # pidfd -> pid of a registered Snakemake
+        self.stamps: dict = {}
+        self.why_not: str | None = None
+        self.retired: str | None = None
+        self.idle_since = time.monotonic()
+
+    def loop(self) -> None:
+        while True:
+            busy = self.children or (self.parents and not self.retired)
+            if not busy:
+                if self.retired:
+                    _log(f"exiting: {self.retired}")
+                    return
+                left = self.idle_since + self.idle_s - time.monotonic()
+                if left <= 0 and not select.select([self.listener], [], [], 0)[0]:
+                    _log(f"exiting: no Snakemake and no job for {self.idle_s:g} s")
+                    return  # (a queued hello or job is taken first)
+                left = max(left, 0)
+            watch = [*self.children, *self.parents]
+            if not self.retired:
+                watch.append(self.listener)
+            ready, _, _ = select.select(watch, [], [], None if busy else left)
+            for fd in ready:
+                if fd in self.children:
+                    _reap(fd, self.children)
+                    self.idle_since = time.monotonic()
+                elif fd in self.parents:
+                    os.close(fd)
+                    _log(f"Snakemake {self.parents.pop(fd)} ended")
+                    self.idle_since = time.monotonic()
+            if self.listener in ready:
+                self.accept()
+
+    def retire(self, why: str) -> None:
+        """Take no more jobs: the socket goes (the next Snakemake starts a fresh server)."""
+        if self.retired:
+            return
+        self.retired = why
+        _log(f"retired: {why}")
+        self.listener.close()
+        for p in (self.path, self.path + ".ready"):
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
 
+    def accept(self) -> None:
+        conn, _ = self.listener.accept()
+        fds: list[int] = []
+        try:
+            conn.settimeout(30)
+            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))  # fmt: skip
+            if uid != os.getuid():
+                raise OSError(f"peer uid {uid}")
+            msg, fds, _flags, _addr = socket.recv_fds(conn, 4096, 3)
+            if len(msg) < _HEADER.size:
+                return  # a liveness probe (start's _alive)
+            (size,) = _HEADER.unpack(msg[: _HEADER.size])
+            body = msg[_HEADER.size :]
+            while len(body) < size:
+                chunk = conn.recv(min(65536, size - len(body)))
+                if not chunk:
+                    raise OSError("request cut short")
+                body += chunk
+            req = json.loads(body)
+            kind = req.get("kind")
+            if kind == "hello":
+                self.register(int(req["pid"]))
+            elif kind == "stop":
+                self.retire(f"asked to stop (pid {pid})")
+            elif kind == "job":
+                conn = self.job(conn, fds, req, pid)
+        except (OSError, ValueError, KeyError) as e:
+            _log(f"bad request: {e}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+            if conn is not None:
+                conn.close()
+
+    def register(self, pid: int) -> None:
+        try:
+            self.parents[os.pidfd_open(pid)] = pid
+            _log(f"Snakemake {pid} uses this worker")
+        except ProcessLookupError:
+            pass  # gone already
+
+    def job(self, conn: socket.socket, fds: list[int], req: dict, client: int):
+        """Fork the job's child (returns None: ``conn`` is kept until the child is reaped), or
+        refuse it (returns ``conn``, to be closed)."""
+        changed = _changed(self.stamps)
+        if changed:
+            self.retire(f"{', '.join(changed)} changed on disk since the worker started")
+        why = self.why_not or self.retired or refusal(req, self.modules)
+        if why or len(fds) != 3:
+            why = why or "no standard streams"
+            _log(f"refused {_script_name(req['argv'][0])} (client {client}): {why}")
+            conn.sendall(json.dumps({"refused": why}).encode() + b"\n")
+            return conn
+        conn.settimeout(None)
+        sys.stdout.flush()
+        child = os.fork()
+        if child == 0:
+            _child(conn, fds, req)  # never returns
+        self.children[os.pidfd_open(child)] = (child, conn)
+        conn.sendall(json.dumps({"pid": child}).encode() + b"\n")
+        _log(f"job {_script_name(req['argv'][0])} (client {client}) -> pid {child}")
+        return None
+
+    def close(self) -> None:
+        for pid, _conn in self.children.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not self.retired:
+            for p in (self.path, self.path + ".ready"):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+
 
 _SERVER_ENV: dict | None = None  # the server's import-time environment, before its own changes
+
+
+def _stamps(modules) -> dict:
+    """(inode, mtime, size) of each preloaded top-level package's file and its folder (a
+    reinstall replaces both)."""
+    names = sorted({m.split(".")[0] for m in modules})
+    return {n: [_stat(p) for p in _paths(n)] for n in names if _paths(n)}
+
+
+def _stat(path: str):
+    try:
+        st = os.stat(path)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+def _changed(stamps: dict) -> list[str]:
+    return [n for n, was in stamps.items() if [_stat(p) for p in _paths(n)] != was]
+
+
+def _paths(name: str) -> list[str]:
+    origin = getattr(sys.modules.get(name), "__file__", None)
+    return [origin, os.path.dirname(origin)] if origin else []
 
 
 def _unforkable() -> str | None:
@@ -317,49 +556,6 @@ def _unforkable() -> str | None:
     if torch is not None and torch.cuda.is_initialized():
         return "not serving: CUDA was initialised by the imports"
     return None
-
-
-def _accept(listener: socket.socket, children: dict, why_not: str | None, modules) -> None:
-    conn, _ = listener.accept()
-    fds: list[int] = []
-    try:
-        conn.settimeout(30)
-        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))  # fmt: skip
-        if uid != os.getuid():
-            raise OSError(f"peer uid {uid}")
-        msg, fds, _flags, _addr = socket.recv_fds(conn, 4096, 3)
-        (size,) = _HEADER.unpack(msg[:4])
-        body = msg[4:]
-        while len(body) < size:
-            chunk = conn.recv(min(65536, size - len(body)))
-            if not chunk:
-                raise OSError("request cut short")
-            body += chunk
-        req = json.loads(body)
-        why = why_not or refusal(req, modules)
-        if why or len(fds) != 3:
-            _log(f"refused {_script_name(req['argv'][0])} (client {pid}): "
-                 f"{why or 'no standard streams'}")  # fmt: skip
-            conn.sendall(b'{"refused": true}\n')
-            return
-        conn.settimeout(None)
-        sys.stdout.flush()
-        child = os.fork()
-        if child == 0:
-            _child(conn, fds, req)  # never returns
-        pidfd = os.pidfd_open(child)
-        children[pidfd] = (child, conn)
-        conn.sendall(json.dumps({"pid": child}).encode() + b"\n")
-        _log(f"job {_script_name(req['argv'][0])} (client {pid}) -> pid {child}")
-        conn = None  # kept until the child is reaped
-    except (OSError, ValueError, KeyError) as e:
-        _log(f"bad request: {e}")
-    finally:
-        for fd in fds:
-            os.close(fd)
-        if conn is not None:
-            conn.close()
 
 
 def _script_name(path: str) -> str:
@@ -493,12 +689,17 @@ def _run_script(path: str) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) in (3, 4) and argv[0] == "serve":
-        if len(argv) == 4:  # serve PATH PID MODULE,MODULE (tests: a lighter preload)
-            serve(argv[1], int(argv[2]), tuple(n for n in argv[3].split(",") if n), {})
+        if len(argv) == 4:  # serve PATH IDLE_S MODULE,MODULE (tests: a lighter preload)
+            serve(argv[1], float(argv[2]), tuple(n for n in argv[3].split(",") if n), {})
         else:
-            serve(argv[1], int(argv[2]))
+            serve(argv[1], float(argv[2]))
         return 0
-    print("usage: python -m lorapipe.warm serve SOCKET PARENT_PID [MODULES]", file=sys.stderr)
+    if argv == ["stop"]:
+        for path in stop_all():
+            print(f"asked {path} to stop")
+        return 0
+    print("usage: python -m lorapipe.warm stop\n"
+          "       python -m lorapipe.warm serve SOCKET IDLE_S [MODULES]", file=sys.stderr)
     return 2
 
 

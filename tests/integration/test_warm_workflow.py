@@ -1,7 +1,7 @@
 """The warm worker in the real workflow (#17): the same run with `warm_worker` on (the default)
 and off gives the same bytes; with it on, the model stages' jobs ran in the worker (their
 ``times.json`` say so and the worker's log names them) and imported next to nothing; with it
-off there is no worker; and no worker outlives its Snakemake."""
+off there is no worker; with `warm_worker_idle_minutes: 0` the worker exits with the run."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
     data = chaos.make_data(root / "data", images=8)
     out = {}
     for name, on in (("warm", True), ("cold", False)):
-        cfg = {**chaos.config(2), "warm_worker": on}
+        cfg = {**chaos.config(2), "warm_worker": on, "warm_worker_idle_minutes": 0}
         work = chaos.make_workdir(root / name, data, cfg)
         proc = chaos.snakemake(code, work)
         assert proc.returncode == 0, proc.stderr[-6000:]
@@ -49,15 +49,19 @@ def test_warm_and_cold_runs_give_the_same_bytes(runs):
     assert any(k.endswith("r1.safetensors") for k in warm) and len(warm) > 30
 
 
+def server_log(work: Path) -> Path:
+    line = (work / "logs" / "warm_worker.log").read_text()
+    return Path(line.rsplit("its log: ", 1)[1].strip())
+
+
 def test_the_model_stages_ran_in_the_worker_and_imported_nothing_heavy(runs):
     times = job_times(runs["warm"])
-    log = (runs["warm"] / "logs" / "warm_worker.log").read_text()
+    log = server_log(runs["warm"]).read_text()
     assert "preloaded in" in log
     for rule in MODEL_RULES:
         assert times[rule] and all(t["warm"] for t in times[rule]), (rule, times.get(rule))
         assert f"job {rule}.py" in log, rule
         assert all(t["imports"] < 1.0 for t in times[rule]), (rule, times[rule])
-    assert "signal" not in log  # every job exited by itself
     assert not any(t["warm"] for t in times["manifest"])  # light stages are not handed over
 
 
@@ -68,9 +72,9 @@ def test_with_warm_worker_false_every_job_imports_for_itself(runs):
     assert all("torch" in t["heavy"] for t in times["train"])
 
 
-def test_no_worker_outlives_its_snakemake(runs):
-    log = runs["warm"] / "logs" / "warm_worker.log"
+def test_with_no_idle_time_the_worker_exits_with_the_run(runs):
+    log = server_log(runs["warm"])
     deadline = time.monotonic() + 10
-    while "ended" not in log.read_text():
+    while not log.read_text().rstrip().endswith("no Snakemake and no job for 0 s"):
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.1)

@@ -48,23 +48,25 @@ def gone(pid: int, within: float = 10.0) -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """One server for the module, its parent this test process; (environment, log path)."""
+    """One server for the module (preloading torch only); (job environment, its log)."""
     log = tmp_path_factory.mktemp("warm") / "warm_worker.log"
     saved = os.environ.get(warm.ENV)
-    path = warm.start(str(log), modules=("torch",))
+    path = warm.start(str(log), idle_s=0, modules=("torch",))
     env = {**os.environ, "PYTHONPATH": SRC, warm.ENV: os.environ[warm.ENV]}
     if saved is None:
         del os.environ[warm.ENV]
     else:
         os.environ[warm.ENV] = saved
+    wait_ready(path)
+    yield env, Path(path + ".log")
+    warm._send(path, {"kind": "stop"})
+
+
+def wait_ready(path: str) -> None:
     deadline = time.monotonic() + 120
     while not os.path.exists(path + ".ready"):
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
-    yield env, log
-    proc = warm._started.pop()
-    proc.kill()
-    proc.wait()
+        assert time.monotonic() < deadline, Path(path + ".log").read_text()[-2000:]
+        time.sleep(0.05)
 
 
 def job(tmp_path: Path, body: str, env: dict, *args, umask: int | None = None, **kw):
@@ -162,28 +164,73 @@ def test_a_job_with_another_import_environment_is_refused_and_runs_cold(tmp_path
     rec = json.loads(out.stdout)
     assert rec["torch"] is False and rec["worker"] is None
     assert "import-time environment differs: HF_HOME" in log.read_text()
+    assert "did not take this job (import-time environment differs: HF_HOME)" in out.stderr
 
 
-def test_the_server_exits_with_the_process_that_started_it(tmp_path):
+def starter(tmp_path: Path, idle_s: float, modules=(), env=None):
+    """A process that starts (or joins) a server as Snakemake's onstart does, then sleeps:
+    (process, socket path, server pid or None when it joined a running one)."""
     prog = textwrap.dedent(f"""
         import time
         from lorapipe import warm
-        path = warm.start({str(tmp_path / "w.log")!r}, modules=())
-        print(path, warm._started[0].pid, flush=True)
+        path = warm.start({str(tmp_path / "w.log")!r}, idle_s={idle_s!r}, modules={modules!r})
+        print(path, warm._started[0].pid if warm._started else "-", flush=True)
         time.sleep(120)
     """)
-    starter = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": SRC})  # fmt: skip
-    path, pid = starter.stdout.readline().split()
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path + ".ready"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    starter.kill()
-    starter.wait()
-    assert gone(int(pid))
+    proc = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE, text=True,
+                            env=env or {**os.environ, "PYTHONPATH": SRC})  # fmt: skip
+    path, pid = proc.stdout.readline().split()
+    wait_ready(path)
+    return proc, path, None if pid == "-" else int(pid)
+
+
+def test_with_no_idle_time_the_server_exits_with_its_last_snakemake(tmp_path):
+    proc, path, pid = starter(tmp_path, idle_s=0)
+    assert pid is not None
+    proc.kill()
+    proc.wait()
+    assert gone(pid)
     assert not os.path.exists(path) and not os.path.exists(path + ".ready")
-    assert "ended" in (tmp_path / "w.log").read_text()
+    assert "exiting: no Snakemake and no job for 0 s" in Path(path + ".log").read_text()
+
+
+def test_the_next_snakemake_finds_the_server_warm_and_stop_ends_it(tmp_path):
+    """Idle time: the server outlives the Snakemake that started it, the next one joins it
+    (no second server), and `python -m lorapipe.warm stop` ends it."""
+    first, path, pid = starter(tmp_path, idle_s=300)
+    first.kill()
+    first.wait()
+    time.sleep(0.5)
+    assert not gone(pid, within=0.1)
+    second, path2, joined = starter(tmp_path, idle_s=300)
+    assert (path2, joined) == (path, None)
+    assert "(already running)" in (tmp_path / "w.log").read_text()
+    out = subprocess.run([sys.executable, "-m", "lorapipe.warm", "stop"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": SRC})  # fmt: skip
+    assert f"asked {path} to stop" in out.stdout
+    assert gone(pid)
+    second.kill()
+    second.wait()
+
+
+def test_a_library_changed_on_disk_retires_the_server(tmp_path):
+    """An upgrade under a running server: the job runs cold (it says why), the server takes no
+    more jobs and exits, and the next start gets a fresh one."""
+    lib = tmp_path / "lib"
+    (lib / "probe_lib").mkdir(parents=True)
+    (lib / "probe_lib" / "__init__.py").write_text("VERSION = 1\n")
+    env = {**os.environ, "PYTHONPATH": f"{SRC}:{lib}"}
+    proc, path, pid = starter(tmp_path, idle_s=300, modules=("probe_lib",), env=env)
+    job_env = {**env, warm.ENV: f"{socket.gethostname()}\t{path}"}
+    before = job(tmp_path, REPORT, job_env)
+    assert json.loads(before.stdout)["worker"] == "1", before.stderr
+    (lib / "probe_lib" / "__init__.py").write_text("VERSION = 22\n")
+    after = job(tmp_path, REPORT, job_env)
+    assert after.returncode == 0 and json.loads(after.stdout)["worker"] is None
+    assert "did not take this job (probe_lib changed on disk" in after.stderr
+    assert gone(pid) and not os.path.exists(path)
+    proc.kill()
+    proc.wait()
 
 
 def test_the_socket_folder_is_the_users_alone():
