@@ -78,7 +78,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, load_average, median, out_dir, write_result  # noqa: E402
+from _common import REPO, load_average, median, out_dir, stop_warm_workers, write_result  # noqa: E402
 from bench_fixed_cost import fresh_copy, materialise, run  # noqa: E402
 
 sys.path.insert(0, str(REPO / "src"))
@@ -305,6 +305,8 @@ def lorapipe_round(name: str, m: dict, src: Path, model: Path, work: Path, cores
     summary = work / "results" / "runs" / "bench" / "train_summary.json"
     out: dict = {"tool": "lorapipe", "model": name}
     for sc in m["scenarios"]:
+        if sc == "fresh":
+            stop_warm_workers()  # a first run starts its warm worker (#17); lr, noop find it
         r = run(work, configs[sc], cores)
         if sc != "noop" and summary.exists():
             s = json.loads(summary.read_text())
