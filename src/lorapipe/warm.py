@@ -397,6 +397,7 @@ class _Server:
         self.path, self.listener, self.idle_s, self.modules = path, listener, idle_s, modules
         self.children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
         self.parents: dict[int, int] = {}  # pidfd -> pid of a registered Snakemake
+        self.clients: dict[int, int] = {}  # connection fd of a job's process -> its child's pidfd
         self.stamps: dict = {}
         self.why_not: str | None = None
         self.retired: str | None = None
@@ -414,12 +415,16 @@ class _Server:
                     _log(f"exiting: no Snakemake and no job for {self.idle_s:g} s")
                     return  # (a queued hello or job is taken first)
                 left = max(left, 0)
-            watch = [*self.children, *self.parents]
+            watch = [*self.children, *self.parents, *self.clients]
             if not self.retired:
                 watch.append(self.listener)
             ready, _, _ = select.select(watch, [], [], None if busy else left)
             for fd in ready:
+                if fd in self.clients:
+                    self.client_gone(fd)
+            for fd in ready:
                 if fd in self.children:
+                    self.clients.pop(self.children[fd][1].fileno(), None)
                     _reap(fd, self.children)
                     self.idle_since = time.monotonic()
                 elif fd in self.parents:
@@ -428,6 +433,26 @@ class _Server:
                     self.idle_since = time.monotonic()
             if self.listener in ready:
                 self.accept()
+
+    def client_gone(self, fd: int) -> None:
+        """A job's own process closed its connection (killed: it sends nothing after its
+        request): kill its child now. From here, not only from the child's watchdog thread,
+        which cannot run while the job holds the GIL in a long C call."""
+        pidfd = self.clients[fd]
+        pid, conn = self.children[pidfd]
+        try:
+            if conn.recv(4096, socket.MSG_DONTWAIT):
+                return  # (nothing is sent; ignore it)
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        del self.clients[fd]
+        try:
+            os.kill(pid, signal.SIGKILL)
+            _log(f"pid {pid}: its job's process is gone: killed")
+        except ProcessLookupError:
+            pass
 
     def retire(self, why: str) -> None:
         """Take no more jobs: the socket goes (the next Snakemake starts a fresh server)."""
@@ -501,7 +526,9 @@ class _Server:
         child = os.fork()
         if child == 0:
             _child(conn, fds, req)  # never returns
-        self.children[os.pidfd_open(child)] = (child, conn)
+        pidfd = os.pidfd_open(child)
+        self.children[pidfd] = (child, conn)
+        self.clients[conn.fileno()] = pidfd
         conn.sendall(json.dumps({"pid": child}).encode() + b"\n")
         _log(f"job {_script_name(req['argv'][0])} (client {client}) -> pid {child}")
         return None
@@ -609,11 +636,9 @@ def _child(conn: socket.socket, fds: list[int], req: dict) -> None:
 
         traceback.print_exc()
     finally:
-        _exiting.append(True)  # the client may go as soon as it reads this: no watchdog kill
-        try:
-            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
-        except BaseException:
-            pass
+        # The server tells the client the status once it has reaped this process, so the
+        # client (and with it Snakemake) never goes on while this one still runs.
+        _exiting.append(True)
         os._exit(code)
 
 

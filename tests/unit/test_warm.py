@@ -108,13 +108,16 @@ def test_a_failing_job_fails_with_its_traceback(tmp_path, server):
     assert "Traceback" in out.stderr and "ValueError: boom in the job" in out.stderr
 
 
-def test_kill_9_of_the_job_kills_its_work(tmp_path, server):
-    """Snakemake (or a test) kills the job's process group: the work in the worker dies too."""
+@pytest.mark.parametrize("work", ["import time; time.sleep(120)", "sum(range(10**12))"],
+                         ids=["sleeping", "holding the GIL"])  # fmt: skip
+def test_kill_9_of_the_job_kills_its_work(tmp_path, server, work):
+    """Snakemake (or a test) kills the job's process group: the work in the worker dies too,
+    also while it holds the GIL in one long C call (no thread of its own could run then)."""
     env, _ = server
     pidfile = tmp_path / "pid"
     script = tmp_path / "job.py"
     script.write_text(PROBE + f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
-                      "import time\ntime.sleep(120)\n")  # fmt: skip
+                      f"{work}\n")  # fmt: skip
     client = subprocess.Popen([sys.executable, str(script)], env=env)
     deadline = time.monotonic() + 60
     while not pidfile.exists() or not pidfile.read_text():
