@@ -61,8 +61,10 @@ JOB_START_ENV = "LORAPIPE_JOB_START"  # the client's process start (unix time), 
 PRELOAD = (
     "torch", "numpy", "PIL.Image", "safetensors.torch", "diffusers", "transformers", "peft",
     "peft.utils", "diffusers.optimization", "diffusers.training_utils", "diffusers.utils",
-    "webdataset", "mlflow", "mlflow.entities", "mlflow.store.tracking.sqlalchemy_store",
 )  # fmt: skip
+# Imported after the jobs queued meanwhile are forked (those import them themselves if they
+# need them): what the model-loading jobs do not need, ~3 s of the ~10.
+PRELOAD_LATE = ("webdataset", "mlflow", "mlflow.entities", "mlflow.store.tracking.sqlalchemy_store")
 # diffusers and transformers import their classes lazily: these are what lorapipe uses.
 PRELOAD_NAMES = {
     "diffusers": ("UNet2DConditionModel", "AutoencoderKL", "DDPMScheduler",
@@ -352,7 +354,7 @@ def refusal(req: dict, modules=PRELOAD) -> str | None:
     if mine != theirs:
         keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         return f"import-time environment differs: {', '.join(keys)}"
-    for name in sorted({m.split(".")[0] for m in modules}):
+    for name in sorted({m.split(".")[0] for m in modules} & set(sys.modules)):
         loaded = getattr(sys.modules.get(name), "__file__", None)
         spec = importlib.machinery.PathFinder.find_spec(name, req["sys_path"])
         if spec is None or spec.origin != loaded:
@@ -360,7 +362,7 @@ def refusal(req: dict, modules=PRELOAD) -> str | None:
     return None
 
 
-def serve(path: str, idle_s: float, modules=PRELOAD, names=PRELOAD_NAMES) -> None:
+def serve(path: str, idle_s: float, modules=PRELOAD, names=PRELOAD_NAMES, late=()) -> None:
     """Listen at ``path`` (bound before the imports, so an early job queues instead of failing),
     import, then serve until no registered Snakemake is alive and no job has run for
     ``idle_s`` seconds, or until retired."""
@@ -373,17 +375,25 @@ def serve(path: str, idle_s: float, modules=PRELOAD, names=PRELOAD_NAMES) -> Non
     except OSError as e:
         _log(f"not serving: {path}: {e}")
         return
-    srv = _Server(path, listener, idle_s, modules)
+    srv = _Server(path, listener, idle_s, (*modules, *late))
     try:
         t = time.perf_counter()
         global _SERVER_ENV
         _SERVER_ENV = _import_env(os.environ)  # as the jobs will have it
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # never initialise CUDA here
         preload(modules, names)
-        srv.stamps = _stamps(modules)
-        srv.why_not = _unforkable()
-        _log(f"pid {os.getpid()} preloaded in {time.perf_counter() - t:.2f} s"
-             + (f"; {srv.why_not}" if srv.why_not else ""))  # fmt: skip
+        _log(f"pid {os.getpid()} preloaded {', '.join(modules) or 'nothing'} in "
+             f"{time.perf_counter() - t:.2f} s")  # fmt: skip
+        for name in late:
+            while srv.step(0):  # jobs queued while importing go now
+                pass
+            preload((name,), {})
+        srv.stamps = _stamps(srv.modules)
+        why_not = _unforkable()
+        if why_not:
+            srv.retire(why_not)
+        _log(f"preloaded all in {time.perf_counter() - t:.2f} s" + (f"; {why_not}" if why_not
+                                                                     else ""))  # fmt: skip
         open(path + ".ready", "w").close()
         # whoever started it says hello next: wait for that a while, whatever the idle time
         srv.idle_since = time.monotonic() + max(0.0, FIRST_HELLO_S - idle_s)
@@ -399,7 +409,6 @@ class _Server:
         self.parents: dict[int, int] = {}  # pidfd -> pid of a registered Snakemake
         self.clients: dict[int, int] = {}  # connection fd of a job's process -> its child's pidfd
         self.stamps: dict = {}
-        self.why_not: str | None = None
         self.retired: str | None = None
         self.idle_since = time.monotonic()
 
@@ -415,24 +424,30 @@ class _Server:
                     _log(f"exiting: no Snakemake and no job for {self.idle_s:g} s")
                     return  # (a queued hello or job is taken first)
                 left = max(left, 0)
-            watch = [*self.children, *self.parents, *self.clients]
-            if not self.retired:
-                watch.append(self.listener)
-            ready, _, _ = select.select(watch, [], [], None if busy else left)
-            for fd in ready:
-                if fd in self.clients:
-                    self.client_gone(fd)
-            for fd in ready:
-                if fd in self.children:
-                    self.clients.pop(self.children[fd][1].fileno(), None)
-                    _reap(fd, self.children)
-                    self.idle_since = time.monotonic()
-                elif fd in self.parents:
-                    os.close(fd)
-                    _log(f"Snakemake {self.parents.pop(fd)} ended")
-                    self.idle_since = time.monotonic()
-            if self.listener in ready:
-                self.accept()
+            self.step(None if busy else left)
+
+    def step(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` for events (None: until one), then handle them; whether
+        there were any."""
+        watch = [*self.children, *self.parents, *self.clients]
+        if not self.retired:
+            watch.append(self.listener)
+        ready, _, _ = select.select(watch, [], [], timeout)
+        for fd in ready:
+            if fd in self.clients:
+                self.client_gone(fd)
+        for fd in ready:
+            if fd in self.children:
+                self.clients.pop(self.children[fd][1].fileno(), None)
+                _reap(fd, self.children)
+                self.idle_since = time.monotonic()
+            elif fd in self.parents:
+                os.close(fd)
+                _log(f"Snakemake {self.parents.pop(fd)} ended")
+                self.idle_since = time.monotonic()
+        if self.listener in ready:
+            self.accept()
+        return bool(ready)
 
     def client_gone(self, fd: int) -> None:
         """A job's own process closed its connection (killed: it sends nothing after its
@@ -515,7 +530,7 @@ class _Server:
         changed = _changed(self.stamps)
         if changed:
             self.retire(f"{', '.join(changed)} changed on disk since the worker started")
-        why = self.why_not or self.retired or refusal(req, self.modules)
+        why = self.retired or _unforkable() or refusal(req, self.modules)
         if why or len(fds) != 3:
             why = why or "no standard streams"
             _log(f"refused {_script_name(req['argv'][0])} (client {client}): {why}")
@@ -717,7 +732,7 @@ def main(argv: list[str]) -> int:
         if len(argv) == 4:  # serve PATH IDLE_S MODULE,MODULE (tests: a lighter preload)
             serve(argv[1], float(argv[2]), tuple(n for n in argv[3].split(",") if n), {})
         else:
-            serve(argv[1], float(argv[2]))
+            serve(argv[1], float(argv[2]), late=PRELOAD_LATE)
         return 0
     if argv == ["stop"]:
         for path in stop_all():

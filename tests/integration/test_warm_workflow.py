@@ -57,7 +57,7 @@ def server_log(work: Path) -> Path:
 def test_the_model_stages_ran_in_the_worker_and_imported_nothing_heavy(runs):
     times = job_times(runs["warm"])
     log = server_log(runs["warm"]).read_text()
-    assert "preloaded in" in log
+    assert "preloaded all in" in log
     for rule in MODEL_RULES:
         assert times[rule] and all(t["warm"] for t in times[rule]), (rule, times.get(rule))
         assert f"job {rule}.py" in log, rule
