@@ -30,7 +30,9 @@ What keeps this exact:
   ``delegate(wait=True)``), another host's server, or a non-Linux system.
 - **Kill anywhere.** The job's own process (the client) stays in Snakemake's process group
   and waits; SIGTERM/SIGINT/SIGHUP are passed on to the child; when the client dies (kill -9 of
-  the group) the child sees its connection close and kills itself at once.
+  the group) the server sees its connection close and kills the child at once (a watchdog
+  thread in the child too, should the server be gone). The client learns the status only once
+  the child is reaped.
 - **Exit status and diagnostics** are the job's: the client exits with the child's status (or
   dies of its signal); tracebacks go to the job's own stderr, logs to its log file; a refusal
   is one line on the job's stderr, with the reason.
