@@ -71,6 +71,19 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str = ".tmp-") -> Path:
     raise FileExistsError(errno.EEXIST, "no free temporary name", os.fspath(parent))
 
 
+def staging_dir(out: str | os.PathLike) -> Path:
+    """A new hidden folder beside ``out`` to build it in before it is renamed into place, once
+    the ones a killed build of the same ``out`` left (``.<name>.staging-*``) are removed: one
+    job writes a given output at a time, so any found is stale. Other outputs' are kept."""
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob_escape(out.name)}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+
+
 def _disk_full_error(e: OSError, paths: list[Path]) -> OSError:
     folder = paths[0].parent
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
@@ -155,10 +154,10 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     Returns:
         The folder written.
     """
-    from .io import set_new_file_modes
+    from .io import set_new_file_modes, staging_dir
 
     out = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
+    tmp = staging_dir(out)  # (a killed build's staging folder goes first)
     try:
         staging = tmp / "model"
         _tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)

@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from .io import set_new_file_modes
+from .io import set_new_file_modes, staging_dir
 from .tiny import (
     LDM_UNET_PREFIX,
     LDM_VAE_PREFIX,
@@ -124,7 +123,7 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a seeded tiny SDXL-shaped diffusers folder to ``out_dir`` (atomically, replacing
     it); the same seed gives the same bytes. Returns the folder."""
     out = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
+    tmp = staging_dir(out)  # (a killed build's staging folder goes first)
     try:
         staging = tmp / "model"
         _tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)

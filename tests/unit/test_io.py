@@ -536,3 +536,19 @@ def test_localized_finds_a_params_folder_among_storage_inputs():
     assert localized(None, model) is None
     # a longer name sharing the prefix is not a match
     assert localized("results/models/tin", model) == "results/models/tin"
+
+
+def test_staging_dir_removes_a_killed_build_of_the_same_output_only(tmp_path):
+    """A build killed mid-write (kill -9) leaves its staging folder; the next build of that
+    output removes it, and leaves another output's (which may be building right now)."""
+    from lorapipe.io import staging_dir
+
+    out = tmp_path / "models" / "tiny-sd"
+    killed = staging_dir(out)
+    (killed / "model").mkdir()
+    (killed / "model" / "config.json").write_text("{}")
+    other = staging_dir(tmp_path / "models" / "tiny-sdxl")
+    fresh = staging_dir(out)
+    assert not killed.exists() and fresh.is_dir() and other.is_dir()
+    assert fresh.parent == out.parent and fresh.name.startswith(".tiny-sd.staging-")
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".tiny-sd.")] == [fresh.name]
