@@ -242,7 +242,8 @@ def delegate(wait: bool = False) -> None:
         conn.settimeout(HANDSHAKE_S)
         conn.connect(path)
         _send_request(conn)
-        reply = _read_line(conn)
+        replies = _replies(conn)
+        reply = next(replies, None)
     except OSError:
         return
     if not reply or "pid" not in reply:
@@ -251,7 +252,7 @@ def delegate(wait: bool = False) -> None:
                   "running it here", file=sys.stderr, flush=True)  # fmt: skip
         return  # refused, or the worker is gone: run cold
     conn.settimeout(None)
-    _wait_for(conn, reply["pid"])
+    _wait_for(replies, reply["pid"])
 
 
 def _send_request(conn: socket.socket) -> None:
@@ -275,17 +276,24 @@ def _umask() -> int:
     return mask
 
 
-def _read_line(conn: socket.socket) -> dict | None:
+def _replies(conn: socket.socket):
+    """The server's messages on ``conn``, one JSON line each, until it closes. (The child's
+    pid and its status can arrive in one read when the job is quick.)"""
     buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = conn.recv(4096)
+    while True:
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield json.loads(line)
+        try:
+            chunk = conn.recv(4096)
+        except InterruptedError:
+            continue
         if not chunk:
-            return None
+            return
         buf += chunk
-    return json.loads(buf.split(b"\n", 1)[0])
 
 
-def _wait_for(conn: socket.socket, pid: int) -> None:
+def _wait_for(replies, pid: int) -> None:
     """Wait for the child's status, passing on the signals a job is stopped with; then leave
     this process as the child left."""
 
@@ -297,21 +305,7 @@ def _wait_for(conn: socket.socket, pid: int) -> None:
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, forward)
-    status, buf = None, b""
-    while status is None:
-        try:
-            chunk = conn.recv(4096)
-        except InterruptedError:
-            continue
-        if not chunk:
-            break
-        buf += chunk
-        for line in buf.split(b"\n")[:-1]:
-            msg = json.loads(line)
-            if "exit" in msg or "signal" in msg:
-                status = msg
-                break
-        buf = buf.rsplit(b"\n", 1)[-1]
+    status = next((m for m in replies if "exit" in m or "signal" in m), None)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -396,7 +390,8 @@ def serve(path: str, idle_s: float, modules=PRELOAD, names=PRELOAD_NAMES, late=(
             srv.retire(why_not)
         _log(f"preloaded all in {time.perf_counter() - t:.2f} s" + (f"; {why_not}" if why_not
                                                                      else ""))  # fmt: skip
-        open(path + ".ready", "w").close()
+        if not srv.retired:
+            open(path + ".ready", "w").close()
         # whoever started it says hello next: wait for that a while, whatever the idle time
         srv.idle_since = time.monotonic() + max(0.0, FIRST_HELLO_S - idle_s)
         srv.loop()

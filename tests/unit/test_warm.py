@@ -239,3 +239,13 @@ def test_a_library_changed_on_disk_retires_the_server(tmp_path):
 def test_the_socket_folder_is_the_users_alone():
     st = os.stat(warm.socket_dir())
     assert st.st_uid == os.getuid() and st.st_mode & 0o777 == 0o700
+
+
+def test_a_quick_jobs_pid_and_status_in_one_read_are_both_seen():
+    """The server's two lines can reach the job's process in one read: none is lost (the
+    status would be, and the job would wait for ever)."""
+    a, b = socket.socketpair()
+    b.sendall(b'{"pid": 7}\n{"exit": 3}\n')
+    b.close()
+    assert list(warm._replies(a)) == [{"pid": 7}, {"exit": 3}]
+    a.close()
