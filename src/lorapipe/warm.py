@@ -105,6 +105,14 @@ def socket_dir() -> str:
     return path
 
 
+def _remove(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
 def _import_env(env: dict) -> dict:
     return {k: v for k, v in env.items() if k.startswith(IMPORT_ENV) and k != "PYTHONPATH"}
 
@@ -156,11 +164,7 @@ def _spawn(path: str, idle_s: float, modules) -> None:
     """Start a server at ``path``; return once it listens (it imports after that)."""
     import subprocess
 
-    for p in (path, path + ".ready"):
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
+    _remove(path, path + ".ready")
     with open(path + ".log", "a") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lorapipe.warm", "serve", path, repr(idle_s)]
@@ -339,14 +343,14 @@ def preload(modules=PRELOAD, names=PRELOAD_NAMES) -> None:
             getattr(mod, n)
 
 
-def refusal(req: dict, modules=PRELOAD) -> str | None:
-    """Why this server must not run the job (None: it may)."""
+def refusal(req: dict, modules, env: dict) -> str | None:
+    """Why this server must not run the job (None: it may); ``env``: the server's import-time
+    environment (`_import_env`), as it was before the server changed its own."""
     import importlib.machinery
 
     if req.get("executable") != os.path.realpath(sys.executable):
         return f"another interpreter ({req.get('executable')})"
-    mine = _SERVER_ENV if _SERVER_ENV is not None else _import_env(os.environ)
-    theirs = _import_env(req["env"])
+    mine, theirs = env, _import_env(req["env"])
     if mine != theirs:
         keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         return f"import-time environment differs: {', '.join(keys)}"
@@ -374,8 +378,6 @@ def serve(path: str, idle_s: float, modules=PRELOAD, names=PRELOAD_NAMES, late=(
     srv = _Server(path, listener, idle_s, (*modules, *late))
     try:
         t = time.perf_counter()
-        global _SERVER_ENV
-        _SERVER_ENV = _import_env(os.environ)  # as the jobs will have it
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # never initialise CUDA here
         preload(modules, names)
         _log(f"pid {os.getpid()} preloaded {', '.join(modules) or 'nothing'} in "
@@ -402,6 +404,7 @@ def serve(path: str, idle_s: float, modules=PRELOAD, names=PRELOAD_NAMES, late=(
 class _Server:
     def __init__(self, path: str, listener: socket.socket, idle_s: float, modules):
         self.path, self.listener, self.idle_s, self.modules = path, listener, idle_s, modules
+        self.env = _import_env(os.environ)  # as the jobs will have it, before our changes
         self.children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
         self.parents: dict[int, int] = {}  # pidfd -> pid of a registered Snakemake
         self.clients: dict[int, int] = {}  # connection fd of a job's process -> its child's pidfd
@@ -473,11 +476,7 @@ class _Server:
         self.retired = why
         _log(f"retired: {why}")
         self.listener.close()
-        for p in (self.path, self.path + ".ready"):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+        _remove(self.path, self.path + ".ready")
 
     def accept(self) -> None:
         conn, _ = self.listener.accept()
@@ -527,7 +526,7 @@ class _Server:
         changed = _changed(self.stamps)
         if changed:
             self.retire(f"{', '.join(changed)} changed on disk since the worker started")
-        why = self.retired or _unforkable() or refusal(req, self.modules)
+        why = self.retired or _unforkable() or refusal(req, self.modules, self.env)
         if why or len(fds) != 3:
             why = why or "no standard streams"
             _log(f"refused {_script_name(req['argv'][0])} (client {client}): {why}")
@@ -552,14 +551,7 @@ class _Server:
             except ProcessLookupError:
                 pass
         if not self.retired:
-            for p in (self.path, self.path + ".ready"):
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
-
-
-_SERVER_ENV: dict | None = None  # the server's import-time environment, before its own changes
+            _remove(self.path, self.path + ".ready")
 
 
 def _stamps(modules) -> dict:
@@ -650,7 +642,6 @@ def _child(conn: socket.socket, fds: list[int], req: dict) -> None:
     finally:
         # The server tells the client the status once it has reaped this process, so the
         # client (and with it Snakemake) never goes on while this one still runs.
-        _exiting.append(True)
         os._exit(code)
 
 
@@ -666,9 +657,6 @@ def _fresh_process_state(env: dict) -> None:
     threads = env.get("OMP_NUM_THREADS", "")
     if torch is not None and threads.isdigit() and int(threads) > 0:
         torch.set_num_threads(int(threads))
-
-
-_exiting: list = []  # set in the child once the job's status is decided
 
 
 def _watch(conn: socket.socket) -> None:
@@ -687,8 +675,7 @@ def _watch(conn: socket.socket) -> None:
                 pass
         except OSError:
             pass
-        if not _exiting:
-            os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="lorapipe-warm-watch", daemon=True).start()
 
