@@ -88,10 +88,13 @@ def tiny_model(work: Path) -> Path:
     return path
 
 
-def sd15_model(work: Path, tiny: Path) -> Path:
-    """An SD-1.5-shaped diffusers folder with random weights: VAE and text encoder saved, the
-    tokenizer and scheduler copied from the tiny model, the UNet as config only (encode_shard
-    loads no UNet; the benchmark builds the UNet in memory)."""
+def sd15_model(work: Path, tiny: Path, name: str = "sd15-shaped", unet_weights: bool = False,
+               version: int = MODEL_VERSION) -> Path:  # fmt: skip
+    """An SD-1.5-shaped diffusers folder ``work/name`` with random weights: VAE and text
+    encoder saved, the tokenizer and scheduler copied from the tiny model, the UNet as config
+    only (encode_shard loads no UNet; the benchmark builds the UNet in memory) unless
+    ``unet_weights`` (seed 10; bench_vs_script trains it). Kept while its ``.complete`` stamp
+    says ``version``."""
     import shutil
 
     import torch
@@ -101,15 +104,18 @@ def sd15_model(work: Path, tiny: Path) -> Path:
 
     from lorapipe.tiny import SPECIAL_TOKENS, tokenizer_files
 
-    path = work / "sd15-shaped"
+    path = work / name
     stamp = path / ".complete"
-    if stamp.exists() and stamp.read_text() == str(MODEL_VERSION):
+    if stamp.exists() and stamp.read_text() == str(version):
         return path
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(tiny / part, path / part)
     shutil.copy(tiny / "model_index.json", path / "model_index.json")
+    if unet_weights:
+        torch.manual_seed(10)
+        UNet2DConditionModel(**SD15_UNET).save_pretrained(path / "unet", safe_serialization=True)
     torch.manual_seed(11)
     AutoencoderKL(**SD15_VAE).save_pretrained(path / "vae", safe_serialization=True)
     vocab, _ = tokenizer_files()
@@ -123,9 +129,10 @@ def sd15_model(work: Path, tiny: Path) -> Path:
         )
     )
     te.save_pretrained(path / "text_encoder", safe_serialization=True)
-    with torch.device("meta"):
-        UNet2DConditionModel.from_config(SD15_UNET).save_config(path / "unet")
-    stamp.write_text(str(MODEL_VERSION))
+    if not unet_weights:
+        with torch.device("meta"):
+            UNet2DConditionModel.from_config(SD15_UNET).save_config(path / "unet")
+    stamp.write_text(str(version))
     return path
 
 

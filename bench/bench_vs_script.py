@@ -79,6 +79,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, load_average, median, out_dir, stop_warm_workers, write_result  # noqa: E402
+from bench_datawait import sd15_model as sd15_folder  # noqa: E402
+from bench_datawait import tiny_model  # noqa: E402
 from bench_fixed_cost import fresh_copy, materialise, run  # noqa: E402
 
 sys.path.insert(0, str(REPO / "src"))
@@ -182,53 +184,16 @@ def script_deps() -> str | None:
     return str(DEPS_DIR)
 
 
-def tiny_model(models: Path) -> Path:
-    from lorapipe.tiny import build_tiny_model
-
-    path = models / "tiny-sd"
-    if not (path / "model_index.json").exists():
-        build_tiny_model(path, seed=0)
-    return path
-
-
 def sd15_model(models: Path) -> Path:
     """An SD-1.5-shaped diffusers folder with random weights (UNet, VAE, CLIP-L text encoder
-    from SD-1.5's configs; tokenizer, scheduler and model_index.json from the tiny model)."""
-    import torch
-    from bench_datawait import SD15_TEXT, SD15_VAE
-    from bench_train_step import SD15_UNET
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from lorapipe.tiny import SPECIAL_TOKENS, tokenizer_files
-
+    from SD-1.5's configs; tokenizer, scheduler and model_index.json from the tiny model):
+    bench_datawait's, with the UNet's weights saved."""
     path = models / "sd15"
     stamp = path / ".complete"
-    if stamp.exists() and stamp.read_text() == str(SD15_VERSION):
-        return path
-    tiny = tiny_model(models)
-    print(f"building the SD-1.5-shaped model in {path} (once; ~4.3 GB)", flush=True)
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    for part in ("tokenizer", "scheduler"):
-        shutil.copytree(tiny / part, path / part)
-    shutil.copy(tiny / "model_index.json", path / "model_index.json")
-    torch.manual_seed(10)
-    UNet2DConditionModel(**SD15_UNET).save_pretrained(path / "unet", safe_serialization=True)
-    torch.manual_seed(11)
-    AutoencoderKL(**SD15_VAE).save_pretrained(path / "vae", safe_serialization=True)
-    vocab, _ = tokenizer_files()
-    torch.manual_seed(12)
-    CLIPTextModel(
-        CLIPTextConfig(
-            **SD15_TEXT,
-            bos_token_id=vocab[SPECIAL_TOKENS[0]],
-            eos_token_id=vocab[SPECIAL_TOKENS[1]],
-            pad_token_id=vocab[SPECIAL_TOKENS[1]],
-        )
-    ).save_pretrained(path / "text_encoder", safe_serialization=True)
-    stamp.write_text(str(SD15_VERSION))
-    return path
+    if not stamp.exists() or stamp.read_text() != str(SD15_VERSION):
+        print(f"building the SD-1.5-shaped model in {path} (once; ~4.3 GB)", flush=True)
+    return sd15_folder(models, tiny_model(models), name="sd15", unet_weights=True,
+                 version=SD15_VERSION)  # fmt: skip
 
 
 def demo_images(folder: Path, images: int) -> None:
