@@ -29,6 +29,15 @@ onstart:
     start_warm_worker()
 
 
+# The run is over: its scheduler's wake-up timers would hold Snakemake's exit up to 1 s (#17).
+onsuccess:
+    cancel_scheduler_timers()
+
+
+onerror:
+    cancel_scheduler_timers()
+
+
 rule all:
     default_target: True
     input:

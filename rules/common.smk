@@ -20,11 +20,15 @@ from lorapipe.fingerprint import script_code, versions
 from lorapipe.images import pil_identity
 from lorapipe.io import integrity_param
 from lorapipe.planning import Planner
+from lorapipe.snakemake_exit import cancel_scheduler_timers, freeze_at_exit
 
 try:
     lpconfig.load_config(config)
 except lpconfig.ConfigError as e:
     raise WorkflowError(str(e)) from None
+
+# Exit as soon as the run is over (#17): no collector pass over Snakemake's imports at shutdown.
+freeze_at_exit()
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 

@@ -29,8 +29,10 @@ SCRIPTS = sorted(p.stem for p in SCRIPTS_DIR.glob("*.py"))
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
-    """Each test sees the source as it is now (the caches assume it never changes)."""
+def _fresh_cache(tmp_path, monkeypatch):
+    """Each test sees the source as it is now (the caches assume it never changes), with an
+    empty store of parsed modules."""
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
     clear_code_cache()
     yield
     clear_code_cache()
@@ -308,6 +310,48 @@ def test_each_module_is_parsed_once_per_process(monkeypatch):
     assert len(calls) == len(modules) + len(SCRIPTS)
     assert {s: script_code(s) for s in SCRIPTS} == first
     assert len(calls) == len(modules) + len(SCRIPTS)  # the second plan read nothing
+
+
+def test_a_later_process_reads_the_parsed_modules_from_the_cache(tmp_path, monkeypatch):
+    """Parsing the package cost every Snakemake plan ~0.35 s (#17): what a module imports is
+    stored under $LORAPIPE_CACHE by the module's content, and the next process (here: a cleared
+    in-process cache) parses nothing and finds the same digests."""
+    first = {s: script_code(s) for s in SCRIPTS}
+    stored = list((tmp_path / "cache" / "script-imports").glob("*.json"))
+    assert len(stored) >= len({m for s in SCRIPTS for m in script_modules(SCRIPTS_DIR / f"{s}.py")})
+    clear_code_cache()
+    calls = []
+    real = fingerprint.ast.parse
+    monkeypatch.setattr(fingerprint.ast, "parse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert {s: script_code(s) for s in SCRIPTS} == first
+    assert calls == []
+
+
+def test_the_cache_follows_the_content_and_survives_a_bad_entry(tmp_path, monkeypatch):
+    """An entry is keyed by the module's bytes: an edited module is parsed again and its new
+    import counts; a corrupt entry is parsed again too, and an unwritable cache only costs the
+    parse."""
+    pkg = tmp_path / "pkg" / "demo"
+    scripts = tmp_path / "scripts"
+    pkg.mkdir(parents=True)
+    scripts.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("X = 1\n")
+    (pkg / "b.py").write_text("Y = 2\n")
+    (scripts / "s.py").write_text("import demo.a\n")
+    assert script_modules(scripts / "s.py", pkg) == ["demo/__init__.py", "demo/a.py"]
+    (pkg / "a.py").write_text("from . import b\n")
+    clear_code_cache()
+    assert script_modules(scripts / "s.py", pkg) == [
+        "demo/__init__.py", "demo/a.py", "demo/b.py"
+    ]
+    for entry in (tmp_path / "cache" / "script-imports").glob("*.json"):
+        entry.write_text('{"imports": 3')
+    clear_code_cache()
+    assert len(script_modules(scripts / "s.py", pkg)) == 3
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "scripts" / "s.py"))  # not a folder
+    clear_code_cache()
+    assert len(script_modules(scripts / "s.py", pkg)) == 3
 
 
 _RULE = re.compile(r"^\s*rule\b", re.M)
