@@ -142,6 +142,26 @@ def job_times(work: Path, since: float) -> dict[str, list[float]]:
     return dict(out)
 
 
+def timeline(work: Path, t0: float) -> list[list]:
+    """[rule, start, end] of each job that started after ``t0``, in seconds from ``t0``, from
+    Snakemake's records as in `job_times`, in start order: where a run's wall time goes
+    (what runs side by side, and the gaps before the first job and after the last)."""
+    folder = work / ".snakemake" / "metadata"
+    jobs: dict[tuple, list[float]] = {}
+    for f in folder.iterdir() if folder.is_dir() else ():
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        start, end = rec.get("starttime"), rec.get("endtime")
+        if start is None or end is None or start < t0 - 1:
+            continue
+        span = jobs.setdefault((rec.get("job_hash"), rec["rule"]), [start, end])
+        span[0], span[1] = min(span[0], start), max(span[1], end)
+    rows = [[rule, round(a - t0, 2), round(b - t0, 2)] for (_, rule), (a, b) in jobs.items()]
+    return sorted(rows, key=lambda r: r[1])
+
+
 def run(work: Path, args: list[str], cores: int) -> dict:
     """One Snakemake invocation in ``work``: wall time, planned jobs, per-rule job times."""
     cmd = [SNAKEMAKE, "--cores", str(cores), *args]
@@ -158,6 +178,7 @@ def run(work: Path, args: list[str], cores: int) -> dict:
         "jobs": sum(n for r, n in jobs.items() if r != "all"),
         "planned": jobs,
         "times": job_times(work, t0 - 1),
+        "timeline": timeline(work, t0),
         "load": [load0, load_average()],
     }
 

@@ -15,7 +15,8 @@ input of anything, so writing it restales nothing. Phases, in seconds:
 Also ``warm``: whether the job ran in the warm worker (`lorapipe.warm`; its libraries imported
 already, ``interpreter`` then counts the client's start and the hand-over).
 
-Also ``heavy``: which of torch, diffusers, transformers, peft, mlflow the job had imported.
+Also ``heavy``: which of torch, diffusers, transformers, peft, mlflow the job had imported;
+``slowest_imports``: its five slowest outermost imports, [module, seconds].
 Stdlib only, and cheap: one meta-path finder that wraps loaders, a few clock reads.
 """
 
@@ -31,7 +32,8 @@ from contextlib import contextmanager
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "mlflow", "safetensors", "PIL")
 
-_state: dict = {"imports": 0.0, "model": 0.0, "model_imports": 0.0, "depth": 0, "in_model": 0}
+_state: dict = {"imports": 0.0, "model": 0.0, "model_imports": 0.0, "depth": 0, "in_model": 0,
+          "outer": []}  # fmt: skip
 
 
 def process_start() -> float | None:
@@ -65,6 +67,7 @@ class _Timed(importlib.abc.Loader):
 
     def exec_module(self, module):
         outer = _state["depth"] == 0
+        name = getattr(module, "__name__", "?")
         _state["depth"] += 1
         t = time.perf_counter()
         try:
@@ -74,6 +77,7 @@ class _Timed(importlib.abc.Loader):
             if outer:
                 dt = time.perf_counter() - t
                 _state["imports"] += dt
+                _state["outer"].append((dt, name))
                 if _state["in_model"]:
                     _state["model_imports"] += dt
 
@@ -132,6 +136,7 @@ def phases() -> dict:
         "work": max(0.0, total - _state["imports"] - model),
         "heavy": [m for m in HEAVY if m in sys.modules],
         "warm": bool(os.environ.get("LORAPIPE_WARM_CHILD")),
+        "slowest_imports": [[n, round(dt, 3)] for dt, n in sorted(_state["outer"])[::-1][:5]],
     }
 
 

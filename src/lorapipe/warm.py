@@ -65,8 +65,10 @@ PRELOAD = (
     "peft.utils", "diffusers.optimization", "diffusers.training_utils", "diffusers.utils",
 )  # fmt: skip
 # Imported after the jobs queued meanwhile are forked (those import them themselves if they
-# need them): what the model-loading jobs do not need, ~3 s of the ~10.
-PRELOAD_LATE = ("webdataset", "mlflow", "mlflow.entities", "mlflow.store.tracking.sqlalchemy_store")
+# need them): what the model-loading jobs do not need, ~3 s of the ~10. matplotlib: train's
+# loss.png (its import was 0.4 s of a warm train job, #17).
+PRELOAD_LATE = ("webdataset", "mlflow", "mlflow.entities", "mlflow.store.tracking.sqlalchemy_store",
+                "sqlalchemy.dialects.sqlite", "matplotlib", "matplotlib.pyplot")  # fmt: skip
 # diffusers and transformers import their classes lazily: these are what lorapipe uses.
 PRELOAD_NAMES = {
     "diffusers": ("UNet2DConditionModel", "AutoencoderKL", "DDPMScheduler",
@@ -79,7 +81,7 @@ PRELOAD_NAMES = {
 # server's runs cold. (Thread counts, OMP_NUM_THREADS and the like, are applied in the child.)
 # (mlflow reads its MLFLOW_* settings when called, not at import: a job's own apply.)
 IMPORT_ENV = ("PYTHON", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_",
-              "LD_", "MALLOC_", "KMP_", "GOMP_", "TOKENIZERS_")  # fmt: skip
+              "LD_", "MALLOC_", "KMP_", "GOMP_", "TOKENIZERS_", "MPL")  # fmt: skip
 FIRST_HELLO_S = 30.0  # a new server waits this long for its first Snakemake in any case
 HANDSHAKE_S = 600.0  # a job waits at most this long for a server still importing
 _HEADER = struct.Struct("!I")
