@@ -20,12 +20,27 @@ from lorapipe.fingerprint import script_code, versions
 from lorapipe.images import pil_identity
 from lorapipe.io import integrity_param
 from lorapipe.planning import Planner
-from lorapipe.snakemake_exit import cancel_scheduler_timers, freeze_at_exit
+from lorapipe.snakemake_hooks import (
+    cancel_scheduler_timers,
+    freeze_at_exit,
+    will_run_jobs_here,
+)
 
 try:
     lpconfig.load_config(config)
 except lpconfig.ConfigError as e:
     raise WorkflowError(str(e)) from None
+
+# A plain local run: the warm worker starts importing now, while Snakemake plans (#17);
+# `onstart` joins it (start_warm_worker).
+if (
+    workflow.is_main_process
+    and config.get("warm_worker", True)
+    and will_run_jobs_here()
+):
+    from lorapipe import warm
+
+    warm.start_early(idle_s=60.0 * config.get("warm_worker_idle_minutes", 10))
 
 # Exit as soon as the run is over (#17): no collector pass over Snakemake's imports at shutdown.
 freeze_at_exit()

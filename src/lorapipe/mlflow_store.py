@@ -94,7 +94,8 @@ def ensure_sqlite_store(uri: str) -> bool:
     only once complete: a kill leaves no store (the next call starts over and removes the
     leftover) or a complete one. When two processes race, the first link wins and the other
     uses it. An existing database is used as it is (an empty file counts as missing). Other
-    store URIs are left to MLflow. Returns True when this call created the store.
+    store URIs are left to MLflow. Returns True when this call created the store. After the
+    first, a new store is a copy of a kept template (`_from_template`): no MLflow import.
     """
     db = sqlite_file(uri)
     if db is None:
@@ -106,8 +107,6 @@ def ensure_sqlite_store(uri: str) -> bool:
         empty = True
     except FileNotFoundError:
         empty = False
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
     db.parent.mkdir(parents=True, exist_ok=True)
     removed = _remove_stale_creations(db)
     if removed:
@@ -118,9 +117,14 @@ def ensure_sqlite_store(uri: str) -> bool:
     try:
         # The artifact root is MLflow's own default (./mlruns): the Default experiment the store
         # creates gets the location it would get from a store created in place.
-        store = SqlAlchemyStore(tmp_uri, "./mlruns")
-        store.engine.dispose()  # close the connections: the file is complete on disk
-        getattr(SqlAlchemyStore, "_engine_map", {}).pop(tmp_uri, None)
+        root = os.path.abspath("./mlruns")
+        if not _from_template(tmp, root):
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = SqlAlchemyStore(tmp_uri, "./mlruns")
+            store.engine.dispose()  # close the connections: the file is complete on disk
+            getattr(SqlAlchemyStore, "_engine_map", {}).pop(tmp_uri, None)
+            _save_template(tmp, root)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         try:
@@ -148,6 +152,91 @@ def ensure_sqlite_store(uri: str) -> bool:
         for leftover in db.parent.glob(f"{glob_escape(tmp.name)}*"):  # + SQLite journals
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+
+
+# -- New stores from a template --------------------------------------------------------------
+#
+# Creating a store is importing MLflow (~1.8 s) and running its ~30 migrations (~1 s): 3-5 s of
+# a cold run_config job, on every fresh workflow folder (#17). The store MLflow makes is the
+# same every time but for its Default experiment's artifact location (``<cwd>/mlruns/0``) and
+# times, so the first one made with a given MLflow, SQLAlchemy and SQLite is kept under
+# ``$LORAPIPE_CACHE/mlflow-store/`` and later ones are a copy with those three fields set as
+# MLflow would set them (tests/unit/test_tracking.py compares both ways, table by table).
+
+
+def _template_paths() -> tuple[Path, Path]:
+    import sqlite3
+    from importlib import metadata
+
+    from .fingerprint import _cache_root
+
+    try:
+        key = "-".join(
+            f"{d}{metadata.version(d)}" for d in ("mlflow", "sqlalchemy", "alembic")
+        ) + f"-sqlite{sqlite3.sqlite_version}"
+    except metadata.PackageNotFoundError:
+        key = "unversioned"
+    folder = _cache_root() / "mlflow-store"
+    return folder / f"{key}.db", folder / f"{key}.json"
+
+
+def _default_experiment(con) -> tuple[str, int] | None:
+    row = con.execute(
+        "SELECT artifact_location, creation_time FROM experiments WHERE experiment_id = 0"
+    ).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def _from_template(tmp: Path, root: str) -> bool:
+    """Write the store at ``tmp`` as a copy of the kept template; False (and no ``tmp``) when
+    there is none or it cannot be used."""
+    import json
+    import shutil
+    import sqlite3
+
+    template, meta = _template_paths()
+    try:
+        kept_root = json.loads(meta.read_text())["root"]
+        shutil.copyfile(template, tmp)
+        con = sqlite3.connect(tmp)
+        try:
+            found = _default_experiment(con)
+            if found is None or not found[0].startswith(kept_root):
+                raise ValueError(f"{template}: not a template of this kind")
+            now = int(time.time() * 1000)
+            con.execute(
+                "UPDATE experiments SET artifact_location = ?, creation_time = ?, "
+                "last_update_time = ? WHERE experiment_id = 0",
+                (root + found[0][len(kept_root) :], now, now),
+            )
+            con.commit()
+        finally:
+            con.close()
+        return True
+    except (OSError, ValueError, KeyError, TypeError, sqlite3.Error):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        return False
+
+
+def _save_template(tmp: Path, root: str) -> None:
+    """Keep the store MLflow just made at ``tmp`` (nothing written to it yet) as the template;
+    atomically, and never failing the caller."""
+    import json
+    import shutil
+
+    from .io import atomic_write_text
+
+    template, meta = _template_paths()
+    part = template.with_name(f".{template.name}.{os.getpid()}")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp, part)
+        os.replace(part, template)
+        atomic_write_text(meta, json.dumps({"root": root}))
+    except OSError:
+        with contextlib.suppress(OSError):
+            part.unlink()
 
 
 def open_experiment(client, experiment: str, uri: str) -> str:

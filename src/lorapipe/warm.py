@@ -54,6 +54,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 
 ENV = "LORAPIPE_WARM"  # "<host>\t<socket path>": set for the jobs by `start`
@@ -141,17 +142,13 @@ def start(log_path: str, idle_s: float = 600.0, modules=None) -> str | None:
     naming the server and its log. ``modules``: what it imports, when not `PRELOAD` (tests)."""
     if not supported():
         return None
-    import fcntl
-
-    folder = socket_dir()
-    key = server_key(idle_s, modules)
-    path = os.path.join(folder, f"{key}.sock")
+    early = _early.pop((idle_s, modules), None)
+    if early is not None:
+        early.join()
+    path = _server_path(idle_s, modules)
+    started = bool(early and early.started)
     for _attempt in range(2):  # twice: a server may exit idle between our probe and hello
-        with open(os.path.join(folder, f"{key}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            started = not _alive(path)
-            if started:
-                _spawn(path, idle_s, modules)
+        started = _ensure_server(path, idle_s, modules) or started
         if _send(path, {"kind": "hello", "pid": os.getpid()}):
             break
     os.environ[ENV] = f"{socket.gethostname()}\t{path}"
@@ -160,6 +157,49 @@ def start(log_path: str, idle_s: float = 600.0, modules=None) -> str | None:
         how = "started now" if started else "already running"
         f.write(f"warm worker {path} ({how}); its log: {path}.log\n")
     return path
+
+
+def start_early(idle_s: float = 600.0, modules=None) -> bool:
+    """Start the server `start` will join, now, without waiting for it: called while Snakemake
+    still parses the Snakefile and plans (~0.5-1 s of a fresh run, #17), so the server imports
+    meanwhile. The socket is checked and the server spawned in a thread; `start` (Snakemake's
+    ``onstart``) waits for that thread, then says hello as always. A server no Snakemake greets
+    (the run stopped before ``onstart``) exits after FIRST_HELLO_S. Whether a thread was begun."""
+    if not supported() or (idle_s, modules) in _early:
+        return False
+    path = _server_path(idle_s, modules)
+
+    def ensure():
+        try:
+            thread.started = _ensure_server(path, idle_s, modules)
+        except OSError:
+            pass  # `start` tries again, and says why if it cannot
+
+    thread = threading.Thread(target=ensure, name="lorapipe-warm-start", daemon=True)
+    thread.started = False
+    _early[(idle_s, modules)] = thread
+    thread.start()
+    return True
+
+
+_early: dict = {}  # (idle_s, modules) -> the thread of `start_early`
+
+
+def _server_path(idle_s: float, modules) -> str:
+    return os.path.join(socket_dir(), f"{server_key(idle_s, modules)}.sock")
+
+
+def _ensure_server(path: str, idle_s: float, modules) -> bool:
+    """Spawn the server at ``path`` unless one answers there (under the key's lock, so that two
+    Snakemakes starting together start one); whether this call spawned it."""
+    import fcntl
+
+    with open(path.removesuffix(".sock") + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _alive(path):
+            return False
+        _spawn(path, idle_s, modules)
+        return True
 
 
 def _spawn(path: str, idle_s: float, modules) -> None:

@@ -21,8 +21,10 @@ def test_phases_are_written_beside_the_log_at_exit(tmp_path):
     """)
     subprocess.run([sys.executable, "-c", prog], check=True)
     rec = json.loads((tmp_path / "job.log.times.json").read_text())
-    assert set(rec) == {"started", "interpreter", "imports", "model", "work", "heavy", "warm"}
+    assert set(rec) == {"started", "interpreter", "imports", "model", "work", "heavy", "warm",
+                        "slowest_imports"}  # fmt: skip
     assert rec["warm"] is False
+    assert {name for name, _ in rec["slowest_imports"]} == {"decimal", "fractions"}
     assert rec["imports"] > 0 and rec["interpreter"] >= 0
     assert 0.2 <= rec["model"] < 1.0 and 0.1 <= rec["work"] < 1.0
     assert rec["heavy"] == []

@@ -117,10 +117,13 @@ def use_store(uri: str) -> str:
     return client.get_run(run.info.run_id).info.run_name
 
 
-def test_store_killed_while_being_created_leaves_nothing_that_breaks_the_next_run(tmp_path):
+def test_store_killed_while_being_created_leaves_nothing_that_breaks_the_next_run(
+    tmp_path, monkeypatch
+):
     """kill -9 while MLflow migrates a new store (which, done in place, leaves a half-migrated
     mlflow.db every later job fails on): no mlflow.db appears, only a temporary one, and the next
     call removes that leftover and creates a complete store that works."""
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))  # no template: MLflow migrates
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     code = f"from lorapipe.mlflow_store import ensure_sqlite_store; ensure_sqlite_store({uri!r})"
@@ -170,3 +173,66 @@ def test_an_empty_store_file_is_replaced_and_other_stores_are_left_alone(tmp_pat
     db.touch()
     assert ensure_sqlite_store(f"sqlite:///{db}") is True and db.stat().st_size > 0
     assert ensure_sqlite_store("http://127.0.0.1:9") is False
+
+
+def _tables(db) -> dict:
+    """Every table's rows, the Default experiment's times left out."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        out = {"schema": sorted(con.execute("SELECT type, name, sql FROM sqlite_master"))}
+        for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            rows = con.execute(f'SELECT * FROM "{name}"').fetchall()
+            if name == "experiments":
+                rows = [r[:4] + r[6:] for r in rows]  # creation_time, last_update_time
+            out[name] = sorted(map(repr, rows))
+        return out
+    finally:
+        con.close()
+
+
+def test_a_new_store_is_a_copy_of_the_template_and_the_same_as_mlflows_own(
+    tmp_path, monkeypatch
+):
+    """The first store made with this MLflow is kept as a template (#17); a later one, in
+    another folder, is a copy made without importing MLflow, and it is table for table what
+    MLflow itself creates there (its Default experiment's artifact location follows the
+    folder), and it works."""
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert ensure_sqlite_store("sqlite:///mlflow.db") is True
+    assert list((tmp_path / "cache" / "mlflow-store").glob("*.db"))
+    code = (
+        "import sys; from lorapipe.mlflow_store import ensure_sqlite_store; "
+        "assert ensure_sqlite_store('sqlite:///mlflow.db'); "
+        "assert 'mlflow' not in sys.modules, 'the copy imported MLflow'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "b", check=True)
+    # MLflow's own store in a folder like b's: made without a template.
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "other-cache"))
+    monkeypatch.chdir(tmp_path / "c")
+    assert ensure_sqlite_store("sqlite:///mlflow.db") is True
+    copied, direct = _tables(tmp_path / "b" / "mlflow.db"), _tables(tmp_path / "c" / "mlflow.db")
+    assert copied["experiments"] == [
+        e.replace(str(tmp_path / "c"), str(tmp_path / "b")) for e in direct["experiments"]
+    ]
+    assert str(tmp_path / "b" / "mlruns" / "0") in copied["experiments"][0]
+    assert {k: v for k, v in copied.items() if k != "experiments"} == {
+        k: v for k, v in direct.items() if k != "experiments"
+    }
+    assert use_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}") == "r"
+
+
+def test_a_broken_template_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert ensure_sqlite_store(f"sqlite:///{tmp_path / 'one.db'}") is True
+    for t in (tmp_path / "cache" / "mlflow-store").glob("*.db"):
+        t.write_bytes(b"not a database")
+    assert ensure_sqlite_store(f"sqlite:///{tmp_path / 'two.db'}") is True
+    assert use_store(f"sqlite:///{tmp_path / 'two.db'}") == "r"
+    assert not list(tmp_path.glob(".two.db.*"))

@@ -170,21 +170,38 @@ def test_a_job_with_another_import_environment_is_refused_and_runs_cold(tmp_path
     assert "did not take this job (import-time environment differs: HF_HOME)" in out.stderr
 
 
-def starter(tmp_path: Path, idle_s: float, modules=(), env=None):
+def starter(tmp_path: Path, idle_s: float, modules=(), env=None, early=False):
     """A process that starts (or joins) a server as Snakemake's onstart does, then sleeps:
-    (process, socket path, server pid or None when it joined a running one)."""
+    (process, socket path, server pid or None when it joined a running one). ``early``: first
+    `start_early`, as the Snakefile does while it is parsed."""
     prog = textwrap.dedent(f"""
         import time
         from lorapipe import warm
+        if {early!r}:
+            assert warm.start_early(idle_s={idle_s!r}, modules={modules!r})
         path = warm.start({str(tmp_path / "w.log")!r}, idle_s={idle_s!r}, modules={modules!r})
-        print(path, warm._started[0].pid if warm._started else "-", flush=True)
+        print(path, warm._started[0].pid if warm._started else "-", len(warm._started), flush=True)
         time.sleep(120)
     """)
     proc = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE, text=True,
                             env=env or {**os.environ, "PYTHONPATH": SRC})  # fmt: skip
-    path, pid = proc.stdout.readline().split()
+    path, pid, spawned = proc.stdout.readline().split()
+    assert int(spawned) <= 1, "one server per key"
     wait_ready(path)
     return proc, path, None if pid == "-" else int(pid)
+
+
+def test_a_server_started_early_is_the_one_onstart_joins(tmp_path):
+    """start_early (the Snakefile, while Snakemake parses and plans) spawns the server; start
+    (onstart) waits for that, spawns no second one, greets it and says it was started now; the
+    server then lives with that Snakemake as any other."""
+    proc, path, pid = starter(tmp_path, idle_s=0, modules=("json",), early=True)
+    assert pid is not None
+    assert "(started now)" in (tmp_path / "w.log").read_text()
+    assert f"Snakemake {proc.pid} uses this worker" in Path(path + ".log").read_text()
+    proc.kill()
+    proc.wait()
+    assert gone(pid)
 
 
 def test_with_no_idle_time_the_server_exits_with_its_last_snakemake(tmp_path):

@@ -1,4 +1,4 @@
-"""Snakemake's main process exits when the run is over (lorapipe.snakemake_exit, #17): a real
+"""Snakemake's main process exits when the run is over (lorapipe.snakemake_hooks, #17): a real
 Snakemake run of a two-job workflow, with the hooks as the project's Snakefile uses them."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ SNAKEFILE = textwrap.dedent(
     """
     import atexit, gc, json, sys, threading
     sys.path.insert(0, {src!r})
-    from lorapipe.snakemake_exit import cancel_scheduler_timers, freeze_at_exit
+    from lorapipe.snakemake_hooks import cancel_scheduler_timers, freeze_at_exit
 
     # Registered before freeze_at_exit, so it runs after it (atexit is last in, first out).
     atexit.register(lambda: open("frozen.json", "w").write(json.dumps(gc.get_freeze_count())))
@@ -64,3 +64,35 @@ def test_the_scheduler_timers_are_cancelled_and_the_collector_frozen_at_exit(tmp
     assert timers["pending"] >= 1, timers
     assert timers["cancelled"] == timers["pending"] and timers["left"] == 0, timers
     assert json.loads((tmp_path / "frozen.json").read_text()) > 10_000
+
+
+PARSE_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {src!r})
+    from lorapipe.snakemake_hooks import will_run_jobs_here
+
+    if workflow.is_main_process:
+        with open("probe.jsonl", "a") as f:
+            f.write(json.dumps(will_run_jobs_here()) + "\\n")
+
+    rule all:
+        output: "out"
+        shell: "touch {{output}}"
+    """
+)
+
+
+def test_a_plain_local_run_is_told_apart_from_other_invocations_while_parsing(tmp_path):
+    """The warm worker starts while the Snakefile is parsed only when jobs will run here: a
+    plain run, not a dry run, a summary, --lint or an unlock."""
+    (tmp_path / "Snakefile").write_text(PARSE_PROBE.format(src=str(SRC)))
+    env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
+    for extra in (["-n"], ["--summary"], ["--lint"], ["--unlock"], ["-np"], []):
+        subprocess.run(
+            [sys.executable, "-m", "snakemake", "--cores", "1", "-q", *extra],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    seen = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert seen == [False, False, False, False, False, True]
+    assert (tmp_path / "out").exists()
