@@ -252,6 +252,13 @@ def get_mlflow_uri(wildcards):
     return config["mlflow"]["tracking_uri"]
 
 
+def get_light_threads(wildcards):
+    """A job that mostly reads (run_config: a fingerprint, hashing a base model on first use)
+    takes no core of a local run's --cores, so that it runs beside the encode job that asks for
+    all of a small machine's (#17); one core on a cluster, where threads are its CPU request."""
+    return 0 if workflow.local_exec and not workflow.dryrun else 1
+
+
 # Training resources: `auto` num_processes counts as 1 at plan time. The workflow profile's
 # `set-threads` and `set-resources: train: gpu` win over these (set N there, also for `auto`).
 def get_train_threads(wildcards):

@@ -13,6 +13,7 @@ rule run_config:
         "benchmarks/run_config/{run}.tsv"
     conda:
         ENV
+    threads: get_light_threads
     params:
         run=get_run_settings,
         context=get_run_context,
