@@ -16,7 +16,8 @@ Also ``warm``: whether the job ran in the warm worker (`lorapipe.warm`; its libr
 already, ``interpreter`` then counts the client's start and the hand-over).
 
 Also ``heavy``: which of torch, diffusers, transformers, peft, mlflow the job had imported;
-``slowest_imports``: its five slowest outermost imports, [module, seconds].
+``slowest_imports``: its five slowest outermost imports, [module, seconds]; ``cpu_s`` and
+``max_rss_mb``: its process's CPU time and peak memory (a warm job's own).
 Stdlib only, and cheap: one meta-path finder that wraps loaders, a few clock reads.
 """
 
@@ -137,7 +138,23 @@ def phases() -> dict:
         "heavy": [m for m in HEAVY if m in sys.modules],
         "warm": bool(os.environ.get("LORAPIPE_WARM_CHILD")),
         "slowest_imports": [[n, round(dt, 3)] for dt, n in sorted(_state["outer"])[::-1][:5]],
+        **_usage(),
     }
+
+
+def _usage() -> dict:
+    """This process's CPU seconds (user + system) and peak resident memory in MiB: in the warm
+    worker, the job's own child's, which Snakemake's benchmark files cannot see (they measure
+    the waiting client). A forked child's peak starts from what it shares with the worker, as a
+    cold job's includes its own imports."""
+    try:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+    except (ImportError, OSError):
+        return {}
+    rss_mb = ru.ru_maxrss / 2**20 if sys.platform == "darwin" else ru.ru_maxrss / 1024
+    return {"cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "max_rss_mb": round(rss_mb, 1)}
 
 
 def _write(path: str) -> None:

@@ -198,8 +198,35 @@ def _ensure_server(path: str, idle_s: float, modules) -> bool:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _alive(path):
             return False
+        _prune(os.path.dirname(path))
         _spawn(path, idle_s, modules)
         return True
+
+
+STALE_DAYS = 7.0
+
+
+def _prune(folder: str, days: float = STALE_DAYS) -> int:
+    """Remove the logs and lock files of servers no longer running that nothing has touched for
+    ``days`` (each key, a ``warm.py`` source or import environment, leaves its own; a server's
+    log stays while it runs and for a week after, to read). How many files were removed."""
+    removed, cutoff = 0, time.time() - days * 86400
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        key, _, ext = name.partition(".")
+        if ext not in ("lock", "sock.log") or os.path.exists(os.path.join(folder, key + ".sock")):
+            continue
+        p = os.path.join(folder, name)
+        try:
+            if os.stat(p).st_mtime < cutoff:
+                os.unlink(p)
+                removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _spawn(path: str, idle_s: float, modules) -> None:

@@ -22,7 +22,8 @@ def test_phases_are_written_beside_the_log_at_exit(tmp_path):
     subprocess.run([sys.executable, "-c", prog], check=True)
     rec = json.loads((tmp_path / "job.log.times.json").read_text())
     assert set(rec) == {"started", "interpreter", "imports", "model", "work", "heavy", "warm",
-                        "slowest_imports"}  # fmt: skip
+                        "slowest_imports", "cpu_s", "max_rss_mb"}  # fmt: skip
+    assert 0 < rec["cpu_s"] < 5 and 1 < rec["max_rss_mb"] < 2000
     assert rec["warm"] is False
     assert {name for name, _ in rec["slowest_imports"]} == {"decimal", "fractions"}
     assert rec["imports"] > 0 and rec["interpreter"] >= 0

@@ -266,3 +266,17 @@ def test_a_quick_jobs_pid_and_status_in_one_read_are_both_seen():
     b.close()
     assert list(warm._replies(a)) == [{"pid": 7}, {"exit": 3}]
     a.close()
+
+
+def test_old_logs_and_locks_of_servers_gone_are_pruned(tmp_path):
+    """Each key leaves a lock file and a log: those of servers no longer running, untouched for a
+    week, are removed when a server is started; a running server's and recent ones are kept."""
+    old = time.time() - (warm.STALE_DAYS + 1) * 86400
+    names = ["aaaa.lock", "aaaa.sock.log", "bbbb.lock", "bbbb.sock.log", "cccc.lock",
+             "cccc.sock.log", "cccc.sock", "other.txt"]  # fmt: skip
+    for n in names:
+        (tmp_path / n).write_text("x")
+        if not n.startswith("bbbb"):
+            os.utime(tmp_path / n, (old, old))
+    assert warm._prune(str(tmp_path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
