@@ -19,6 +19,7 @@ from lorapipe.demo import demo_files
 from lorapipe.fingerprint import script_code, versions
 from lorapipe.images import pil_identity
 from lorapipe.io import integrity_param
+from lorapipe.manifest import rescan_token
 from lorapipe.planning import Planner
 from lorapipe.snakemake_hooks import (
     cancel_scheduler_timers,
@@ -255,7 +256,8 @@ def get_mlflow_uri(wildcards):
 def get_light_threads(wildcards):
     """A job that mostly reads (run_config: a fingerprint, hashing a base model on first use)
     takes no core of a local run's --cores, so that it runs beside the encode job that asks for
-    all of a small machine's (#17); one core on a cluster, where threads are its CPU request."""
+    all of a small machine's (#17); one core on a cluster, where threads are its CPU request.
+    """
     return 0 if workflow.local_exec and not workflow.dryrun else 1
 
 
@@ -271,3 +273,29 @@ def get_train_mem_mb(wildcards):
 
 def get_train_gpus(wildcards):
     return PLAN.train_gpus(wildcards.run)
+
+
+SCAN_CACHE = "results/cache/scan/{dataset}/{shard}.jsonl"
+
+
+def get_shard_rescan(wildcards):
+    """Changes when an image of the shard was rewritten with its size and mtime kept (which
+    the stamp cannot see): the manifest is rebuilt (lorapipe.manifest.rescan_token)."""
+    if "synthetic" in DATASETS[wildcards.dataset]:
+        return ""
+    return rescan_token(
+        get_root(wildcards),
+        get_shard_relpaths(wildcards),
+        SCAN_CACHE.format(**dict(wildcards.items())),
+        record=workflow.is_main_process and not workflow.dryrun,
+    )
+
+
+def sweep_inputs(runs):
+    """What a sweep's table reads: each run's summary, metrics, MLflow run and best files."""
+    out = []
+    for run, _values in runs:
+        d = f"results/runs/{run}"
+        out += [f"{d}/train_summary.json", f"{d}/metrics.jsonl", f"{d}/mlflow.json"]
+        out += [f"{d}/best"] if PLAN.holdout(run).active else []
+    return out

@@ -1,6 +1,5 @@
 from lorapipe.config import check_yaml_files
 from lorapipe.io import integrity_param
-from lorapipe.manifest import rescan_token
 
 # Snakemake reads each --configfile leniently (a key given twice: the last one silently wins);
 # read them again strictly, so a duplicate key stops the plan naming the file and the line.
@@ -8,21 +7,6 @@ try:
     check_yaml_files(workflow.configfiles)
 except lpconfig.ConfigError as e:
     raise WorkflowError(str(e)) from None
-
-SCAN_CACHE = "results/cache/scan/{dataset}/{shard}.jsonl"
-
-
-def get_shard_rescan(wildcards):
-    """Changes when an image of the shard was rewritten with its size and mtime kept (which
-    the stamp cannot see): the manifest is rebuilt (lorapipe.manifest.rescan_token)."""
-    if "synthetic" in DATASETS[wildcards.dataset]:
-        return ""
-    return rescan_token(
-        get_root(wildcards),
-        get_shard_relpaths(wildcards),
-        SCAN_CACHE.format(**dict(wildcards.items())),
-        record=workflow.is_main_process and not workflow.dryrun,
-    )
 
 
 rule manifest:

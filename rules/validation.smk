@@ -20,16 +20,6 @@ rule best:
         "../scripts/best.py"
 
 
-def sweep_inputs(runs):
-    """What a sweep's table reads: each run's summary, metrics, MLflow run and best files."""
-    out = []
-    for run, _values in runs:
-        d = f"results/runs/{run}"
-        out += [f"{d}/train_summary.json", f"{d}/metrics.jsonl", f"{d}/mlflow.json"]
-        out += [f"{d}/best"] if PLAN.holdout(run).active else []
-    return out
-
-
 # `snakemake sweep_<name>`: train and track every run of a sweep, then rank them in one table.
 for _name, _runs in PLAN.sweeps().items():
 
