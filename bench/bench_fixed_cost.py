@@ -154,7 +154,7 @@ def timeline(work: Path, t0: float) -> list[list]:
         except (OSError, ValueError):
             continue
         start, end = rec.get("starttime"), rec.get("endtime")
-        if start is None or end is None or start < t0 - 1:
+        if start is None or end is None or start < t0:
             continue
         span = jobs.setdefault((rec.get("job_hash"), rec["rule"]), [start, end])
         span[0], span[1] = min(span[0], start), max(span[1], end)
@@ -177,7 +177,7 @@ def run(work: Path, args: list[str], cores: int) -> dict:
         "wall_s": wall,
         "jobs": sum(n for r, n in jobs.items() if r != "all"),
         "planned": jobs,
-        "times": job_times(work, t0 - 1),
+        "times": job_times(work, t0),
         "timeline": timeline(work, t0),
         "load": [load0, load_average()],
     }
