@@ -176,12 +176,17 @@ def test_an_empty_store_file_is_replaced_and_other_stores_are_left_alone(tmp_pat
 
 
 def _tables(db) -> dict:
-    """Every table's rows, the Default experiment's times left out."""
+    """The schema and every table's rows, the Default experiment's times left out. A statement's
+    clauses are compared as a set: MLflow's own stores list a table's CHECK constraints in an
+    order that changes from process to process (its migrations rebuild the tables)."""
     import sqlite3
 
     con = sqlite3.connect(db)
     try:
-        out = {"schema": sorted(con.execute("SELECT type, name, sql FROM sqlite_master"))}
+        out = {"schema": sorted(
+            (kind, name, sorted(line.strip().rstrip(",") for line in (sql or "").split("\n")))
+            for kind, name, sql in con.execute("SELECT type, name, sql FROM sqlite_master")
+        )}  # fmt: skip
         for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
             rows = con.execute(f'SELECT * FROM "{name}"').fetchall()
             if name == "experiments":
