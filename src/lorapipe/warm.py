@@ -173,17 +173,37 @@ def start_early(idle_s: float = 600.0, modules=None) -> bool:
     def ensure():
         try:
             thread.started = _ensure_server(path, idle_s, modules)
+            thread.proc = _started[-1] if thread.started else None
         except OSError:
             pass  # `start` tries again, and says why if it cannot
 
     thread = threading.Thread(target=ensure, name="lorapipe-warm-start", daemon=True)
-    thread.started = False
+    thread.started, thread.proc = False, None
     _early[(idle_s, modules)] = thread
     thread.start()
+    if len(_early) == 1:
+        import atexit
+
+        atexit.register(_release_unused)
     return True
 
 
-_early: dict = {}  # (idle_s, modules) -> the thread of `start_early`
+_early: dict = {}  # (idle_s, modules) -> the thread of `start_early`, until `start` takes it
+UNNEEDED = signal.SIGUSR1  # to a server `start_early` spawned: "I have nothing to run"
+
+
+def _release_unused() -> None:
+    """At exit of a Snakemake that started a server early and never got to `start` (nothing to
+    do, or an error while planning): tell the server, which exits unless someone else has come
+    to it meanwhile, instead of importing for nobody and waiting FIRST_HELLO_S."""
+    for thread in list(_early.values()):
+        thread.join(timeout=10)
+        if thread.proc is not None and thread.proc.poll() is None:
+            try:
+                os.kill(thread.proc.pid, UNNEEDED)
+            except ProcessLookupError:
+                pass
+    _early.clear()
 
 
 def _server_path(idle_s: float, modules) -> str:
@@ -446,6 +466,18 @@ def serve(path: str, idle_s: float, modules=PRELOAD, names=PRELOAD_NAMES, late=(
         _log(f"not serving: {path}: {e}")
         return
     srv = _Server(path, listener, idle_s, (*modules, *late))
+
+    def unneeded(signum, frame):
+        # (Runs between two bytecodes of the imports: nothing has been forked or greeted that
+        # is not in srv, and a hello or job still queued shows as a pending connection.)
+        if srv.children or srv.parents or select.select([listener], [], [], 0)[0]:
+            _log("the Snakemake that started this worker had nothing to run; another uses it")
+            return
+        _log("exiting: the Snakemake that started this worker had nothing to run")
+        _remove(path, path + ".ready")
+        os._exit(0)
+
+    signal.signal(UNNEEDED, unneeded)
     try:
         t = time.perf_counter()
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # never initialise CUDA here
@@ -684,7 +716,7 @@ def _child(conn: socket.socket, fds: list[int], req: dict) -> None:
     """In the forked child: become the job's process, run its script, exit with its status."""
     code = 1
     try:
-        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, UNNEEDED):
             signal.signal(s, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for i, fd in enumerate(fds):

@@ -280,3 +280,54 @@ def test_old_logs_and_locks_of_servers_gone_are_pruned(tmp_path):
             os.utime(tmp_path / n, (old, old))
     assert warm._prune(str(tmp_path)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+
+
+def test_a_server_started_early_for_a_run_with_nothing_to_do_exits_with_it(tmp_path):
+    """The Snakefile starts the server before Snakemake knows whether anything will run; a run
+    with nothing to do never reaches onstart. At its exit the server is told, and exits at once
+    (not importing for nobody, then waiting FIRST_HELLO_S for a hello that never comes)."""
+    prog = textwrap.dedent("""
+        import sys
+        from lorapipe import warm
+        assert warm.start_early(idle_s=600, modules=("json", "decimal"))
+        warm._early[(600, ("json", "decimal"))].join()
+        print(warm._started[0].pid, warm._server_path(600, ("json", "decimal")), flush=True)
+    """)  # exits without calling start
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": SRC}, check=True)  # fmt: skip
+    pid, path = out.stdout.split()
+    assert gone(int(pid), within=20), "the unused server is still there"
+    assert "had nothing to run" in Path(path + ".log").read_text()
+    assert not os.path.exists(path)
+
+
+def test_a_server_started_early_is_kept_when_another_snakemake_uses_it(tmp_path):
+    """...unless another Snakemake came to it meanwhile (its hello waits while the server
+    imports): then it stays, for that one."""
+    modules = ("torch", "decimal")  # a key of its own; torch: seconds of imports to land in
+    env = {**os.environ, "PYTHONPATH": SRC}
+    early = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from lorapipe import warm
+        assert warm.start_early(idle_s=0, modules={modules!r})
+        warm._early[(0, {modules!r})].join()
+        print(warm._started[0].pid, flush=True)
+        sys.stdin.readline()  # then exit without start: a run with nothing to do
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    pid = int(early.stdout.readline())
+    other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from lorapipe import warm
+        print(warm.start({str(tmp_path / "w.log")!r}, idle_s=0, modules={modules!r}), flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        path = other.stdout.readline().strip()  # its hello is sent
+        early.communicate("\n", timeout=60)
+        wait_ready(path)
+        assert "another uses it" in Path(path + ".log").read_text()
+        assert not gone(pid, within=1)
+    finally:
+        other.kill()
+        other.wait()
+    assert gone(pid)
