@@ -12,9 +12,9 @@ import io
 import os
 from pathlib import Path
 
-import numpy as np
-
-PALETTE = np.array([(16, 18, 24), (240, 140, 40), (30, 170, 160), (245, 235, 210)], np.uint8)
+# numpy is imported by what draws, not at import: every Snakemake plan imports this module for
+# demo_files (65 ms, #17).
+PALETTE = ((16, 18, 24), (240, 140, 40), (30, 170, 160), (245, 235, 210))
 SIZES = ((96, 96), (128, 80), (80, 128), (112, 96), (72, 72))
 BROKEN = "broken/truncated.jpg"
 
@@ -30,14 +30,16 @@ def demo_files(images: int) -> list[str]:
     return out
 
 
-def _render(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def _render(rng, width: int, height: int):
+    import numpy as np
+
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
     ring = (np.hypot(xx - cx, yy - cy) / rng.uniform(6, 12)).astype(int) % 3
     stripes = ((xx + yy) / rng.uniform(5, 9)).astype(int) % 2
     idx = np.where(stripes == 0, ring + 1, 0)
     idx = np.where(ring == 2, 3, idx)
-    return PALETTE[idx]
+    return np.array(PALETTE, np.uint8)[idx]
 
 
 def make_demo_dataset(root: str | os.PathLike, images: int = 40, seed: int = 0) -> list[str]:
@@ -46,6 +48,7 @@ def make_demo_dataset(root: str | os.PathLike, images: int = 40, seed: int = 0) 
     Returns:
         The relative paths written (same as ``demo_files(images)``).
     """
+    import numpy as np
     from PIL import Image
 
     from .io import atomic_write_bytes, atomic_write_text
