@@ -126,3 +126,32 @@ def test_light_stage_scripts_import_no_torch_or_diffusers():
         out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True)
         assert out.returncode == 0, (name, out.stderr[-2000:])
         assert json.loads(out.stdout) == [], f"scripts/{name}.py imports {out.stdout.strip()}"
+
+
+def test_the_plan_imports_no_numeric_library():
+    """Every Snakemake invocation (and cluster job) parses the Snakefile: the lorapipe modules
+    the rules import, and what they call while planning, load none of torch, diffusers,
+    transformers, peft, mlflow or numpy (#17: each costs 0.06-7 s of every plan)."""
+    import re
+    import subprocess
+    import sys
+
+    rules = PKG.parents[1] / "rules"
+    mods = set()
+    for smk in [*rules.glob("*.smk"), PKG.parents[1] / "Snakefile"]:
+        for mod, name in re.findall(r"^\s*from (lorapipe[\w.]*) import (\w+)", smk.read_text(),
+                                    re.M):  # fmt: skip
+            mods.add(f"lorapipe.{name}" if mod == "lorapipe" else mod)
+    assert {"lorapipe.planning", "lorapipe.config", "lorapipe.warm"} <= mods, mods
+    code = (
+        "import sys, importlib\n"
+        f"for m in {sorted(mods)!r}: importlib.import_module(m)\n"
+        "from lorapipe.images import pil_identity; pil_identity()\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft', 'mlflow', 'numpy')"
+        " if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(PKG.parent), "PATH": "/usr/bin:/bin"},
+                         check=True)  # fmt: skip
+    assert out.stdout.strip() == "", f"the plan imports {out.stdout.strip()}"
