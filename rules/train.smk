@@ -88,6 +88,7 @@ rule export:
         "benchmarks/export/{run}.tsv"
     conda:
         ENV
+    threads: get_light_threads
     params:
         dataset=get_run_dataset,
         code=script_code("export"),
