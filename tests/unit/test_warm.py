@@ -198,7 +198,10 @@ def test_a_server_started_early_is_the_one_onstart_joins(tmp_path):
     proc, path, pid = starter(tmp_path, idle_s=0, modules=("json",), early=True)
     assert pid is not None
     assert "(started now)" in (tmp_path / "w.log").read_text()
-    assert f"Snakemake {proc.pid} uses this worker" in Path(path + ".log").read_text()
+    deadline = time.monotonic() + 30  # the hello is read once the server serves, maybe after .ready
+    while f"Snakemake {proc.pid} uses this worker" not in Path(path + ".log").read_text():
+        assert time.monotonic() < deadline, Path(path + ".log").read_text()
+        time.sleep(0.05)
     proc.kill()
     proc.wait()
     assert gone(pid)
@@ -324,8 +327,11 @@ def test_a_server_started_early_is_kept_when_another_snakemake_uses_it(tmp_path)
     try:
         path = other.stdout.readline().strip()  # its hello is sent
         early.communicate("\n", timeout=60)
+        deadline = time.monotonic() + 60
+        while "another uses it" not in Path(path + ".log").read_text():
+            assert time.monotonic() < deadline, Path(path + ".log").read_text()
+            time.sleep(0.05)
         wait_ready(path)
-        assert "another uses it" in Path(path + ".log").read_text()
         assert not gone(pid, within=1)
     finally:
         other.kill()
