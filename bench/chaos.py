@@ -299,7 +299,8 @@ def draw_points(
     n: int, seed: int, clean: dict, spread: bool = False, exclude: tuple[str, ...] = ()
 ) -> list[Point]:
     """``n`` kill points: a rule the clean run ran (not the no-op ``all``) and a delay from 0 to
-    that rule's longest clean job duration (+0.5 s, to land just after it too).
+    that rule's longest clean job duration (+0.5 s, to land just after it too; for the last rule
+    at most 0.6 of it, since Snakemake exits right after its last job).
 
     Rules (less ``exclude``) are drawn uniformly; with ``spread``, one from each of ``n``
     consecutive slices of the pipeline order (early, middle and late stages for n = 3).
@@ -314,9 +315,14 @@ def draw_points(
         ]
     else:
         picks = [rng.choice(rules) for _ in range(n)]
-    return [
-        Point(rule, round(rng.uniform(0, max(clean["durations"][rule]) + 0.5), 2)) for rule in picks
-    ]
+    last = [r for r in clean["order"] if r != "all"][-1]
+
+    def delay(rule: str) -> float:
+        longest = max(clean["durations"][rule])
+        # After the last job Snakemake exits at once (#17): "just after it" would be after the run
+        return rng.uniform(0, 0.6 * longest) if rule == last else rng.uniform(0, longest + 0.5)
+
+    return [Point(rule, round(delay(rule), 2)) for rule in picks]
 
 
 def chaos_round(
