@@ -120,10 +120,10 @@ def job_stats(text: str) -> dict[str, int]:
     return out
 
 
-def job_times(work: Path, since: float) -> dict[str, list[float]]:
-    """{rule: [wall seconds of each job]} of the jobs that started after ``since``, from
-    Snakemake's per-output records: a job's outputs share its ``job_hash``; it started when its
-    first output's incomplete marker was made and ended when its last output was written."""
+def job_spans(work: Path, since: float) -> list[tuple[str, float, float]]:
+    """(rule, start, end) of each job that started after ``since``, from Snakemake's per-output
+    records: a job's outputs share its ``job_hash``; it started when its first output's
+    incomplete marker was made and ended when its last output was written. In start order."""
     folder = work / ".snakemake" / "metadata"
     jobs: dict[tuple, list[float]] = {}
     for f in folder.iterdir() if folder.is_dir() else ():
@@ -136,30 +136,21 @@ def job_times(work: Path, since: float) -> dict[str, list[float]]:
             continue
         span = jobs.setdefault((rec.get("job_hash"), rec["rule"]), [start, end])
         span[0], span[1] = min(span[0], start), max(span[1], end)
+    return sorted(((rule, a, b) for (_, rule), (a, b) in jobs.items()), key=lambda j: j[1])
+
+
+def job_times(spans: list[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """{rule: [wall seconds of each job]} of `job_spans`."""
     out: dict[str, list[float]] = defaultdict(list)
-    for (_, rule), (start, end) in jobs.items():
+    for rule, start, end in spans:
         out[rule].append(end - start)
     return dict(out)
 
 
-def timeline(work: Path, t0: float) -> list[list]:
-    """[rule, start, end] of each job that started after ``t0``, in seconds from ``t0``, from
-    Snakemake's records as in `job_times`, in start order: where a run's wall time goes
-    (what runs side by side, and the gaps before the first job and after the last)."""
-    folder = work / ".snakemake" / "metadata"
-    jobs: dict[tuple, list[float]] = {}
-    for f in folder.iterdir() if folder.is_dir() else ():
-        try:
-            rec = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        start, end = rec.get("starttime"), rec.get("endtime")
-        if start is None or end is None or start < t0:
-            continue
-        span = jobs.setdefault((rec.get("job_hash"), rec["rule"]), [start, end])
-        span[0], span[1] = min(span[0], start), max(span[1], end)
-    rows = [[rule, round(a - t0, 2), round(b - t0, 2)] for (_, rule), (a, b) in jobs.items()]
-    return sorted(rows, key=lambda r: r[1])
+def timeline(spans: list[tuple[str, float, float]], t0: float) -> list[list]:
+    """[rule, start, end] of each of `job_spans`, in seconds from ``t0``: where a run's wall
+    time goes (what runs side by side, and the gaps before the first job and after the last)."""
+    return [[rule, round(a - t0, 2), round(b - t0, 2)] for rule, a, b in spans]
 
 
 def run(work: Path, args: list[str], cores: int) -> dict:
@@ -173,12 +164,13 @@ def run(work: Path, args: list[str], cores: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} in {work} failed:\n{text[-6000:]}")
     jobs = {} if "Nothing to be done" in text else job_stats(text)
+    spans = job_spans(work, t0)
     return {
         "wall_s": wall,
         "jobs": sum(n for r, n in jobs.items() if r != "all"),
         "planned": jobs,
-        "times": job_times(work, t0),
-        "timeline": timeline(work, t0),
+        "times": job_times(spans),
+        "timeline": timeline(spans, t0),
         "load": [load0, load_average()],
     }
 
