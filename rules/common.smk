@@ -254,9 +254,10 @@ def get_mlflow_uri(wildcards):
 
 
 def get_light_threads(wildcards):
-    """A job that mostly reads (run_config: a fingerprint, hashing a base model on first use)
-    takes no core of a local run's --cores, so that it runs beside the encode job that asks for
-    all of a small machine's (#17); one core on a cluster, where threads are its CPU request.
+    """A job that mostly reads (run_config: a fingerprint, hashing a base model on first use;
+    export: a LoRA file rewritten) takes no core of a local run's --cores, so that it runs
+    beside the encode or sample job that asks for all of a small machine's (#17); one core on a
+    cluster, where threads are its CPU request.
     """
     return 0 if workflow.local_exec and not workflow.dryrun else 1
 
