@@ -147,7 +147,7 @@ def start(log_path: str, idle_s: float = 600.0, modules=None) -> str | None:
     if early is not None:
         early.join()
     path = _server_path(idle_s, modules)
-    started = bool(early and early.started)
+    started = early is not None and early.proc is not None
     for _attempt in range(2):  # twice: a server may exit idle between our probe and hello
         started = _ensure_server(path, idle_s, modules) or started
         if _send(path, {"kind": "hello", "pid": os.getpid()}):
@@ -164,21 +164,22 @@ def start_early(idle_s: float = 600.0, modules=None) -> bool:
     """Start the server `start` will join, now, without waiting for it: called while Snakemake
     still parses the Snakefile and plans (~0.5-1 s of a fresh run, #17), so the server imports
     meanwhile. The socket is checked and the server spawned in a thread; `start` (Snakemake's
-    ``onstart``) waits for that thread, then says hello as always. A server no Snakemake greets
-    (the run stopped before ``onstart``) exits after FIRST_HELLO_S. Whether a thread was begun."""
+    ``onstart``) waits for that thread, then says hello as always. If this process exits
+    without `start` (the run stopped before ``onstart``), `_release_unused` tells the server it
+    spawned. Whether a thread was begun."""
     if not supported() or (idle_s, modules) in _early:
         return False
     path = _server_path(idle_s, modules)
 
     def ensure():
         try:
-            thread.started = _ensure_server(path, idle_s, modules)
-            thread.proc = _started[-1] if thread.started else None
+            if _ensure_server(path, idle_s, modules):
+                thread.proc = _started[-1]  # the server this thread spawned
         except OSError:
             pass  # `start` tries again, and says why if it cannot
 
     thread = threading.Thread(target=ensure, name="lorapipe-warm-start", daemon=True)
-    thread.started, thread.proc = False, None
+    thread.proc = None
     _early[(idle_s, modules)] = thread
     thread.start()
     if len(_early) == 1:
