@@ -144,7 +144,7 @@ def _stored_names(source: bytes, name: str, is_package: bool, filename: str):
     ident = hashlib.sha256(
         f"{_NAMES_VERSION}\0{name}\0{int(is_package)}\0".encode() + source
     ).hexdigest()
-    entry = _cache_root() / "script-imports" / f"{ident}.json"
+    entry = cache_root() / "script-imports" / f"{ident}.json"
     try:
         stored = json.loads(entry.read_text())
         return set(stored["imports"]), set(stored["mentions"])
@@ -263,7 +263,7 @@ def file_digest(paths) -> str:
     return h.hexdigest()
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     """``$LORAPIPE_CACHE``, else ``$XDG_CACHE_HOME/lorapipe`` (``~/.cache/lorapipe``)."""
     return Path(
         os.environ.get("LORAPIPE_CACHE")
@@ -274,7 +274,7 @@ def _cache_root() -> Path:
 
 
 def _hash_cache_dir() -> Path:
-    return _cache_root() / "sha256"
+    return cache_root() / "sha256"
 
 
 def cached_sha256(path: str | os.PathLike) -> str:

@@ -159,7 +159,7 @@ def ensure_sqlite_store(uri: str) -> bool:
 # Creating a store is importing MLflow (~1.8 s) and running its ~30 migrations (~1 s): 3-5 s of
 # a cold run_config job, on every fresh workflow folder (#17). The store MLflow makes is the
 # same every time but for its Default experiment's artifact location (``<cwd>/mlruns/0``) and
-# times, so the first one made with a given MLflow, SQLAlchemy and SQLite is kept under
+# times, so the first one made with a given MLflow, SQLAlchemy, alembic and SQLite is kept under
 # ``$LORAPIPE_CACHE/mlflow-store/`` and later ones are a copy with those three fields set as
 # MLflow would set them (tests/unit/test_tracking.py compares both ways, table by table).
 
@@ -168,7 +168,7 @@ def _template_paths() -> tuple[Path, Path]:
     import sqlite3
     from importlib import metadata
 
-    from .fingerprint import _cache_root
+    from .fingerprint import cache_root
 
     try:
         key = "-".join(
@@ -176,15 +176,8 @@ def _template_paths() -> tuple[Path, Path]:
         ) + f"-sqlite{sqlite3.sqlite_version}"
     except metadata.PackageNotFoundError:
         key = "unversioned"
-    folder = _cache_root() / "mlflow-store"
+    folder = cache_root() / "mlflow-store"
     return folder / f"{key}.db", folder / f"{key}.json"
-
-
-def _default_experiment(con) -> tuple[str, int] | None:
-    row = con.execute(
-        "SELECT artifact_location, creation_time FROM experiments WHERE experiment_id = 0"
-    ).fetchone()
-    return (row[0], row[1]) if row else None
 
 
 def _from_template(tmp: Path, root: str) -> bool:
@@ -200,14 +193,16 @@ def _from_template(tmp: Path, root: str) -> bool:
         shutil.copyfile(template, tmp)
         con = sqlite3.connect(tmp)
         try:
-            found = _default_experiment(con)
-            if found is None or not found[0].startswith(kept_root):
+            row = con.execute(
+                "SELECT artifact_location FROM experiments WHERE experiment_id = 0"
+            ).fetchone()
+            if row is None or not row[0].startswith(kept_root):
                 raise ValueError(f"{template}: not a template of this kind")
             now = int(time.time() * 1000)
             con.execute(
                 "UPDATE experiments SET artifact_location = ?, creation_time = ?, "
                 "last_update_time = ? WHERE experiment_id = 0",
-                (root + found[0][len(kept_root) :], now, now),
+                (root + row[0][len(kept_root) :], now, now),
             )
             con.commit()
         finally:
