@@ -56,6 +56,7 @@ wildcard_constraints:
     shard=r"\d{5}",
     res=r"\d+",
     dtype="float32|bfloat16",
+    key="[0-9a-f]{16}",
 
 
 PLAN = Planner(config)
@@ -243,6 +244,23 @@ def get_run_settings(wildcards):
 
 def get_run_context(wildcards):
     return PLAN.run_context(wildcards.run, {**LIBS_TORCH, "pil": LIBS_IMAGE})
+
+
+def get_run_sample_base(wildcards):
+    return PLAN.sample_base(wildcards.run)
+
+
+def get_sample_base_settings(wildcards):
+    return PLAN.sample_base_of(wildcards.model, wildcards.key)
+
+
+def get_sample_base_model_files(wildcards):
+    m = wildcards.model
+    return model_files(m, PLAN.read_parts(m))
+
+
+def get_sample_base_vae_files(wildcards):
+    return vae_files(wildcards.model)
 
 
 def get_track_inputs(wildcards):

@@ -33,4 +33,5 @@ render_run_samples(
     run.seed,
     doc["base_model"].get("original_config"),
     localized(p.vae, i),
+    base_png=i.base,
 )

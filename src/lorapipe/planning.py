@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,8 +64,6 @@ def chosen_shard_count(record: Path, images) -> int:
     ``results/<dataset>/shards.json``) when there is one, else `auto_shard_count` of
     ``images()`` (called only then), recorded there. Kept once chosen, so adding images later
     restales one shard, not all of them; delete the file to choose again."""
-    import json
-
     from .io import atomic_write_text
 
     try:
@@ -558,6 +557,33 @@ class Planner:
     def sample_outputs(self, run: str) -> list[str]:
         """The final sample grid of a run, when it has one (rule sample)."""
         return [f"results/runs/{run}/samples.png"] if self.sample_grids(run) else []
+
+    def sample_base_settings(self, run: str) -> dict[str, Any]:
+        """What a run's base row of sample images depends on besides its base model: prompts,
+        sampling steps, image size (the dataset's resolution) and seed."""
+        r = self.runs[run]
+        return {
+            "prompts": list(r.validation_prompts),
+            "steps": r.validation_steps,
+            "size": self.dataset_settings(r.dataset)["resolution"],
+            "seed": r.seed,
+        }
+
+    def sample_base(self, run: str) -> str:
+        """The base model's row of a run's sample grids (rule sample_base), named by its base
+        model and a digest of `sample_base_settings`: every run that draws the same row (a
+        changed learning rate, the runs of a sweep) shares one file."""
+        settings = json.dumps(self.sample_base_settings(run), sort_keys=True)
+        key = hashlib.sha256(settings.encode()).hexdigest()[:16]
+        return f"results/samples/{self.runs[run].base_model}/base-{key}.png"
+
+    def sample_base_of(self, model: str, key: str) -> dict[str, Any]:
+        """The settings of base row ``key`` of ``model`` (a run of this config that draws it)."""
+        want = f"results/samples/{model}/base-{key}.png"
+        for run in self.runs:
+            if self.sample_grids(run) and self.sample_base(run) == want:
+                return self.sample_base_settings(run)
+        raise WorkflowError(f"{want}: no run of this config draws that base row")
 
     def track_inputs(self, run: str) -> dict[str, str]:
         """What rule track logs to MLflow: the run's files, and its sample grids when it has

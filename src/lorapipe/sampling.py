@@ -4,7 +4,10 @@ A grid has one column per prompt: the top row is the base model, the bottom row 
 each image drawn from a CPU generator seeded ``seed + column``. `render_samples` makes the final
 grid of a run (samples.png); `render_step_grids` one grid per saved checkpoint, from the exports
 training writes at each save_steps, loading the base model once for all of them;
-`render_run_samples` (the workflow's sample stage) both, from one pipeline and one base row.
+`render_run_samples` (the workflow's sample stage) both, from one pipeline and one base row;
+`render_base_row` (stage sample_base) that base row alone, as a PNG the sample stage reads: runs
+that share the base model, prompts, seed, size and steps (a changed learning rate, a sweep) draw
+it once.
 """
 
 from __future__ import annotations
@@ -49,17 +52,40 @@ class _Sampler:
             out.append(image.images[0])
         return out
 
-    def base_row_of(self, grid_png: str | os.PathLike) -> list | None:
-        """The top row of a grid this sampler would draw (samples.png: same prompts, seeds,
-        size and steps), cut out of its PNG; None when its shape does not fit."""
+    def base_row_of(self, png: str | os.PathLike) -> list | None:
+        """The top row of a grid this sampler would draw (samples.png, or a base row PNG of
+        `render_base_row`: same prompts, seeds, size and steps), cut out of its PNG; None when
+        its shape fits neither."""
         from PIL import Image
 
-        with Image.open(grid_png) as im:
+        with Image.open(png) as im:
             im = im.convert("RGB")
         n, size = len(self.prompts), self.size
-        if im.size != (size * n, size * 2):
+        if im.size not in ((size * n, size * 2), (size * n, size)):
             return None
         return [im.crop((i * size, 0, (i + 1) * size, size)) for i in range(n)]
+
+    def base_row(self, png: str | os.PathLike | None = None) -> list:
+        """The base row: cut out of ``png`` (`base_row_of`) when it fits, else drawn (with a
+        warning when there was a ``png``)."""
+        base = self.base_row_of(png) if png else None
+        if base is None:
+            if png:
+                log.warning("%s does not fit %d prompts at %d px: drawing the base row", png,
+                            len(self.prompts), self.size)  # fmt: skip
+            base = self.row()
+        return base
+
+    def save_row(self, row: list, out_png: str | os.PathLike) -> None:
+        """``row`` side by side in one PNG (what `base_row_of` cuts up again)."""
+        from PIL import Image
+
+        size = self.size
+        strip = Image.new("RGB", (size * len(row), size), "white")
+        for i, image in enumerate(row):
+            strip.paste(image, (i * size, 0))
+        with atomic_path(out_png) as tmp:
+            strip.save(tmp, format="PNG")
 
     def grid(self, base: list, tuned: list, out_png: str | os.PathLike) -> None:
         from PIL import Image
@@ -93,6 +119,22 @@ def render_samples(
     s.grid(base, s.row(), out_png)
 
 
+def render_base_row(
+    model_path: str,
+    prompts: list[str],
+    out_png: str | os.PathLike,
+    steps: int = 20,
+    size: int = 512,
+    seed: int = 0,
+    original_config: str | None = None,
+    vae: str | None = None,
+) -> None:
+    """The top row of a sample grid (the base model, no LoRA) alone: one image per prompt, left
+    to right, in one PNG; `render_run_samples` takes it as ``base_png``."""
+    s = _Sampler(model_path, prompts, steps, size, seed, original_config, vae)
+    s.save_row(s.row(), out_png)
+
+
 def render_step_grids(
     model_path: str,
     exports_dir: str | os.PathLike,
@@ -117,12 +159,7 @@ def render_step_grids(
     written = []
     if todo:
         s = _Sampler(model_path, prompts, steps, size, seed, original_config)
-        base = s.base_row_of(final_png)
-        if base is None:
-            log.warning("%s does not fit %d prompts at %d px: drawing the base row", final_png,
-                        len(s.prompts), size)  # fmt: skip
-            base = s.row()
-        written = _step_rows(s, base, todo, out_dir)
+        written = _step_rows(s, s.base_row(final_png), todo, out_dir)
     else:
         log.info("no saved steps in %s: only the final grid", exports_dir)
     return [*written, _final_step_grid(final_png, out_dir, final_step)]
@@ -141,16 +178,19 @@ def render_run_samples(
     seed: int = 0,
     original_config: str | None = None,
     vae: str | None = None,
+    base_png: str | os.PathLike | None = None,
 ) -> list[Path]:
     """A run's sample grids from one pipeline: ``out_png`` (`render_samples` with the final
     LoRA in ``lora_dir``) and ``out_dir/step-NNNNNN.png`` (`render_step_grids`), with the base
     row drawn once for all of them. The same bytes as those two, one after the other.
     ``vae``: the base model's VAE override folder (decodes the images), if it has one.
+    ``base_png``: the base row as `render_base_row` drew it with these settings (then only the
+    LoRA rows are drawn here); one of another shape is drawn again, with a warning.
 
     Returns the step PNGs written, in step order (the final one last).
     """
     s = _Sampler(model_path, prompts, steps, size, seed, original_config, vae)
-    base = s.row()
+    base = s.base_row(base_png)
     s.pipe.load_lora_weights(str(Path(lora_dir)))
     s.grid(base, s.row(), out_png)
     s.pipe.unload_lora_weights()  # back to the base model for the saved steps

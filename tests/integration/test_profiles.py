@@ -16,7 +16,7 @@ import yaml
 from wf import REPO, copy_workflow, snakemake
 
 PROFILES = REPO / "profiles"
-GPU_RULES = {"train", "sample"}
+GPU_RULES = {"train", "sample", "sample_base"}
 # rules whose names are made in a loop (one per configured model/dataset) get default-resources,
 # but for the encode jobs (one per dataset), which set theirs in rules/encode.smk
 LOOP_RULES = ("tiny_model_", "demo_data_", "encode_")

@@ -17,7 +17,7 @@ import chaos  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-MODEL_RULES = ("tiny_model", "encode", "train", "sample")  # they wait for the worker
+MODEL_RULES = ("tiny_model", "encode", "train", "sample_base", "sample")  # they wait for the worker
 
 
 def job_times(work: Path) -> dict[str, list[dict]]:

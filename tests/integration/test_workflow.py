@@ -63,6 +63,15 @@ def test_first_run_outputs(wf):
             assert (d / name).stat().st_size > 0, name
         steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2, 3, 4]
+    # r1 and r2 differ only in training settings: one base row of sample images for both, the
+    # top row of each grid (rule sample_base)
+    from PIL import Image
+
+    (base,) = (work / "results" / "samples" / "tiny-sd").glob("base-*.png")
+    row = Image.open(base).convert("RGB")
+    for run in ("r1", "r2"):
+        grid = Image.open(work / "results" / "runs" / run / "samples.png").convert("RGB")
+        assert grid.crop((0, 0, *row.size)).tobytes() == row.tobytes()
     rejected = (work / "results" / "mine" / "rejected.tsv").read_text().splitlines()
     assert rejected[0] == "path\tcode\treason"
     assert rejected[1].startswith("broken/truncated.jpg\ttruncated\t")
@@ -117,7 +126,7 @@ def test_second_run_does_nothing(wf):
 def test_changing_a_training_parameter_reruns_only_that_run(wf):
     code, work = wf
     jobs = planned_with(work, code, config(lr=5e-4))
-    assert set(jobs) - {"all"} == RUN_STAGES
+    assert set(jobs) - {"all"} == RUN_STAGES  # not sample_base: the base row is the same
     assert all(n == 1 for r, n in jobs.items())  # r1 only, not r2
     assert planned_jobs(work, code) == {}
 

@@ -402,6 +402,37 @@ def test_sample_grids_track_inputs_and_encode_outputs(tmp_path):
     assert plan.encode_runtime("mine") == 60
 
 
+def test_one_base_row_of_sample_images_per_model_prompts_steps_size_and_seed(tmp_path):
+    """Rule sample_base's file: shared by runs that differ in anything else (a learning rate),
+    its own for another prompt, seed, sampling steps, base model or resolution; its settings are
+    found again from its name, and a name no run draws is an error."""
+    write(tmp_path / "mine" / "a.png")
+    one = {"dataset": "mine", "base_model": "tiny-sd", "validation_prompts": ["a", "b"]}
+    runs = {
+        "p": one,
+        "lr": {**one, "learning_rate": 3e-4, "lora_rank": 2},
+        "prompt": {**one, "validation_prompts": ["a", "c"]},
+        "seed": {**one, "seed": 7},
+        "steps": {**one, "validation_steps": 5},
+        "xl": {**one, "base_model": "tiny-sdxl"},
+        "res": {**one, "dataset": "big"},
+    }
+    mine = {"path": str(tmp_path / "mine"), "shards": SHARDS}
+    datasets = {"mine": mine, "big": {**mine, "resolution": 256}}
+    xl = {"tiny-sdxl": {"path": "results/models/tiny-sdxl", "tiny": {"seed": 0, "family": "sdxl"}}}
+    plan = Planner(make_config(tmp_path, datasets, runs=runs, base_models=xl))
+    rows = {r: plan.sample_base(r) for r in runs}
+    assert rows["lr"] == rows["p"]
+    assert len({rows[r] for r in runs if r != "lr"}) == len(runs) - 1
+    assert rows["p"].startswith("results/samples/tiny-sd/base-")
+    assert rows["xl"].startswith("results/samples/tiny-sdxl/base-")
+    key = rows["seed"].rsplit("base-", 1)[1].removesuffix(".png")
+    assert plan.sample_base_of("tiny-sd", key) == {
+        "prompts": ["a", "b"], "steps": plan.runs["p"].validation_steps, "size": 512, "seed": 7}
+    with pytest.raises(WorkflowError, match="no run of this config draws"):
+        plan.sample_base_of("tiny-sdxl", key)
+
+
 def test_auto_shard_count_follows_the_dataset_size():
     from lorapipe.planning import auto_shard_count
 

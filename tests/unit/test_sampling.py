@@ -1,6 +1,7 @@
 """Sample grids per saved step: one pipeline for all steps, each grid the one `render_samples`
 gives for that step's LoRA (no trace of the previous step), and the final grid copied in; the
-sample stage's `render_run_samples` gives both from one pipeline, with the same bytes."""
+sample stage's `render_run_samples` gives both from one pipeline, with the same bytes, also when
+its base row comes from `render_base_row` (stage sample_base), drawn in another process."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorapipe.sampling import render_run_samples, render_samples, render_step_grids
+from lorapipe.sampling import (
+    render_base_row,
+    render_run_samples,
+    render_samples,
+    render_step_grids,
+)
 from lorapipe.training.checkpoints import saved_exports
 
 PROMPTS = ["a picture in lorapipe style", "a red square"]
@@ -116,3 +122,51 @@ def test_one_pipeline_for_the_final_and_step_grids_gives_the_same_bytes(
     assert got_png.read_bytes() == want_png.read_bytes()
     assert [p.name for p in got] == [p.name for p in want]
     assert [p.read_bytes() for p in got] == [p.read_bytes() for p in want]
+
+
+def test_a_base_row_drawn_in_another_process_gives_the_same_grids(exports, tiny_model, tmp_path):
+    """rule sample_base draws the base row in its own job; rule sample cuts it out of that PNG
+    and draws only the LoRA rows: the grids are byte for byte the ones drawn in one process."""
+    import subprocess
+    import sys
+
+    final_lora = exports / "step-000004"
+    want_png, want_dir = tmp_path / "want.png", tmp_path / "want"
+    want = render_run_samples(str(tiny_model), final_lora, exports, PROMPTS, want_png, want_dir, 6,
+                              **KW)  # fmt: skip
+    base_png = tmp_path / "base.png"
+    code = (
+        "import sys; from lorapipe.sampling import render_base_row as r; "
+        f"r(sys.argv[1], {PROMPTS!r}, sys.argv[2], **{KW!r})"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tiny_model), str(base_png)], check=True)
+    assert Image.open(base_png).size == (64 * len(PROMPTS), 64)  # one row, one image a prompt
+    assert (pixels(base_png) == pixels(want_png)[:64]).all()  # the grid's top row
+    got_png, got_dir = tmp_path / "samples.png", tmp_path / "samples"
+    got = render_run_samples(str(tiny_model), final_lora, exports, PROMPTS, got_png, got_dir, 6,
+                             base_png=base_png, **KW)  # fmt: skip
+    assert got_png.read_bytes() == want_png.read_bytes()
+    assert [p.read_bytes() for p in got] == [p.read_bytes() for p in want]
+    # and the row is taken from the file, not drawn again: a doctored one shows in every grid
+    Image.fromarray(255 - pixels(base_png)).save(base_png)
+    got = render_run_samples(str(tiny_model), final_lora, exports, PROMPTS, got_png, got_dir, 6,
+                             base_png=base_png, **KW)  # fmt: skip
+    for grid, drawn in zip([got_png, *got], [want_png, *want], strict=True):
+        assert (pixels(grid)[:64] == pixels(base_png)).all()
+        assert (pixels(grid)[64:] == pixels(drawn)[64:]).all()
+
+
+def test_a_base_row_that_does_not_fit_is_drawn_again(exports, tiny_model, tmp_path, caplog):
+    """A base row PNG of other settings (three prompts' width) is not cut up: the row is drawn,
+    with a warning naming the file, and the grid is the one drawn without it."""
+    odd = tmp_path / "odd.png"
+    render_base_row(str(tiny_model), [*PROMPTS, "a third"], odd, **KW)
+    final_lora = exports / "step-000004"
+    want_png, got_png = tmp_path / "want.png", tmp_path / "got.png"
+    render_run_samples(str(tiny_model), final_lora, tmp_path / "none", PROMPTS, want_png,
+                       tmp_path / "w", 6, **KW)  # fmt: skip
+    with caplog.at_level("WARNING", logger="lorapipe.sampling"):
+        render_run_samples(str(tiny_model), final_lora, tmp_path / "none", PROMPTS, got_png,
+                           tmp_path / "g", 6, base_png=odd, **KW)  # fmt: skip
+    assert str(odd) in caplog.text and "drawing the base row" in caplog.text
+    assert got_png.read_bytes() == want_png.read_bytes()
