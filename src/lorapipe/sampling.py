@@ -87,6 +87,20 @@ class _Sampler:
         with atomic_path(out_png) as tmp:
             strip.save(tmp, format="PNG")
 
+    ADAPTER = "lorapipe"
+
+    def load(self, lora_file: Path, swap: bool = False) -> None:
+        """Load a LoRA file into the pipeline. ``swap``: it replaces the one loaded before, from
+        the same run (same rank, alpha and modules): its weights are copied into the layers
+        already in the model (diffusers' hotswap) instead of the old layers being removed and
+        new ones injected. diffusers swaps no text-encoder LoRA: a file with one is loaded
+        anew."""
+        if swap and _has_text_encoder_keys(lora_file):
+            self.pipe.unload_lora_weights()
+            swap = False
+        self.pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name,
+                                    adapter_name=self.ADAPTER, hotswap=swap)  # fmt: skip
+
     def grid(self, base: list, tuned: list, out_png: str | os.PathLike) -> None:
         from PIL import Image
 
@@ -191,11 +205,17 @@ def render_run_samples(
     """
     s = _Sampler(model_path, prompts, steps, size, seed, original_config, vae)
     base = s.base_row(base_png)
-    s.pipe.load_lora_weights(str(Path(lora_dir)))
+    s.load(Path(lora_dir) / LORA_FILE)
     s.grid(base, s.row(), out_png)
-    s.pipe.unload_lora_weights()  # back to the base model for the saved steps
-    written = _step_rows(s, base, _steps_before(exports_dir, final_step), out_dir)
+    written = _step_rows(s, base, _steps_before(exports_dir, final_step), out_dir, loaded=True)
     return [*written, _final_step_grid(out_png, out_dir, final_step)]
+
+
+def _has_text_encoder_keys(lora_file: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as f:
+        return any(k.startswith("text_encoder") for k in f.keys())
 
 
 def _steps_before(exports_dir: str | os.PathLike, final_step: int) -> dict[int, Path]:
@@ -203,16 +223,17 @@ def _steps_before(exports_dir: str | os.PathLike, final_step: int) -> dict[int, 
     return {k: v for k, v in saved_exports(exports_dir).items() if k < final_step}
 
 
-def _step_rows(s: _Sampler, base: list, todo: dict[int, Path], out_dir) -> list[Path]:
-    """The grid of each step in ``todo``: ``base`` on top, that step's LoRA below."""
+def _step_rows(s: _Sampler, base: list, todo: dict[int, Path], out_dir, loaded=False) -> list:
+    """The grid of each step in ``todo``: ``base`` on top, that step's LoRA below. ``loaded``:
+    the pipeline holds a LoRA of this run already (`_Sampler.load` swaps the next one in)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for step, folder in todo.items():
-        s.pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
+        s.load(folder / LORA_FILE, swap=loaded)
+        loaded = True
         png = out_dir / f"step-{step:06d}.png"
         s.grid(base, s.row(), png)
-        s.pipe.unload_lora_weights()  # back to the base model for the next step
         written.append(png)
         log.info("step %d: %s", step, png)
     return written
