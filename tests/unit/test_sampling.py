@@ -23,28 +23,40 @@ PROMPTS = ["a picture in lorapipe style", "a red square"]
 KW = {"steps": 2, "size": 64, "seed": 5}
 
 
-def save_lora(model: Path, out_dir: Path, seed: int) -> Path:
-    """A trained-looking LoRA (seeded non-zero lora_B) saved the way training exports it."""
+def save_lora(model: Path, out_dir: Path, seed: int, text_encoder: bool = False) -> Path:
+    """A trained-looking LoRA (seeded non-zero lora_B) saved the way training exports it;
+    ``text_encoder``: with a LoRA on the text encoder too."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
 
     from lorapipe.models import adapter_metadata, lora_config
 
-    unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
-    cfg = lora_config(4, 8.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    unet.add_adapter(cfg)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    lora = {k: v.detach().float().contiguous() for k, v in lora.items()}
+
+    def trained(module, targets):
+        cfg = lora_config(4, 8.0, targets)
+        module.add_adapter(cfg)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        return {k: v.detach().float().contiguous() for k, v in layers.items()}, cfg
+
+    unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
+    lora, cfg = trained(unet, ["to_q", "to_k", "to_v", "to_out.0"])
+    te = {}
+    if text_encoder:
+        encoder = CLIPTextModel.from_pretrained(str(model), subfolder="text_encoder")
+        layers, te_cfg = trained(encoder, ["q_proj", "v_proj"])
+        te = {"text_encoder_lora_layers": layers,
+              "text_encoder_lora_adapter_metadata": adapter_metadata(te_cfg)}  # fmt: skip
     out_dir.mkdir(parents=True)
     StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata(cfg)
+        out_dir, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata(cfg), **te
     )
     return out_dir
 
@@ -170,3 +182,20 @@ def test_a_base_row_that_does_not_fit_is_drawn_again(exports, tiny_model, tmp_pa
                            tmp_path / "g", 6, base_png=odd, **KW)  # fmt: skip
     assert str(odd) in caplog.text and "drawing the base row" in caplog.text
     assert got_png.read_bytes() == want_png.read_bytes()
+
+
+def test_step_loras_with_a_text_encoder_part_are_loaded_anew(tiny_model, tmp_path):
+    """diffusers swaps no text-encoder LoRA into a loaded one: such steps are loaded anew, and
+    each step's grid is still the one its LoRA alone gives."""
+    exports = tmp_path / "exports"
+    for step, seed in ((2, 3), (4, 4)):
+        save_lora(tiny_model, exports / f"step-{step:06d}", seed, text_encoder=True)
+    final = tmp_path / "samples.png"
+    render_samples(str(tiny_model), exports / "step-000002", PROMPTS, final, **KW)
+    out = tmp_path / "samples"
+    render_step_grids(str(tiny_model), exports, PROMPTS, out, final, 6, **KW)
+    for step in (2, 4):
+        alone = tmp_path / f"alone-{step}.png"
+        render_samples(str(tiny_model), exports / f"step-{step:06d}", PROMPTS, alone, **KW)
+        assert np.array_equal(pixels(out / f"step-{step:06d}.png"), pixels(alone)), step
+    assert not np.array_equal(pixels(out / "step-000002.png"), pixels(out / "step-000004.png"))
