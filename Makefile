@@ -3,10 +3,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup cluster demo test test-fast lint bench clean
 
 setup:
 	@tools/bootstrap.sh
+
+# the SLURM executor and S3 storage plugins in the venv (README "Scaling out"); kept from then on
+cluster:
+	@CLUSTER=1 tools/bootstrap.sh
 
 demo: setup
 	$(BIN)/snakemake --cores $(CORES)

@@ -11,6 +11,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+# Snakemake's SLURM and S3 plugins, which tools/bootstrap.sh installs apart from the venv (a plain
+# set-up has none: Snakemake imports every installed plugin at each start, #17). Tests that need
+# them run Snakemake with this folder on its path (tests/integration/wf.py, plugins=True).
+TEST_PLUGINS = Path(sys.prefix) / "test-plugins"
+if TEST_PLUGINS.is_dir():
+    sys.path.append(str(TEST_PLUGINS))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The file-hash cache (lorapipe.fingerprint.cached_sha256) of this test session, not the user's.

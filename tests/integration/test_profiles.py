@@ -85,7 +85,7 @@ def demo_workdir(tmp_path_factory) -> tuple[Path, Path]:
 def dry_run(code: Path, work: Path, profile: str, *args: str) -> str:
     out = snakemake(
         work, "-n", "--profile", str(code / "profiles" / profile),
-        "--workflow-profile", str(code / "profiles" / "default"), *args, code=code,
+        "--workflow-profile", str(code / "profiles" / "default"), *args, code=code, plugins=True,
     )  # fmt: skip
     return out.stdout + out.stderr
 

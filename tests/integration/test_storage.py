@@ -39,7 +39,7 @@ def config() -> dict:
 
 
 def planned_paths(work: Path, code: Path, s3: S3Server, prefix: str) -> list[str]:
-    out = snakemake(work, "-n", *s3.args(prefix), code=code)
+    out = snakemake(work, "-n", *s3.args(prefix), code=code, plugins=True)
     text = out.stdout + out.stderr
     assert "This was a dry-run" in text, text[-3000:]
     files = [
@@ -85,7 +85,7 @@ def test_the_whole_workflow_runs_with_its_results_on_s3(s3, tmp_path):
     work = tmp_path / "work"
     make_demo_dataset(work / "data" / "mine", images=8, seed=3)
     write_config(work / "cfg.yaml", config())
-    snakemake(work, *s3.args("wf"), code=code)
+    snakemake(work, *s3.args("wf"), code=code, plugins=True)
 
     objects = {k.removeprefix("wf/"): v for k, v in s3.keys("wf/").items()}
     run = "results/runs/r1/"
@@ -118,8 +118,8 @@ def test_the_whole_workflow_runs_with_its_results_on_s3(s3, tmp_path):
     assert any(k.startswith("lora_unet_") and k.endswith(".alpha") for k in keys)
 
     # staleness works against storage: nothing to do; one added image, one shard's jobs
-    assert planned_jobs(work, code, args=tuple(s3.args("wf"))) == {}
+    assert planned_jobs(work, code, args=tuple(s3.args("wf")), plugins=True) == {}
     shutil.copy(work / "data" / "mine" / "img_001.png", work / "data" / "mine" / "zz_new.png")
-    jobs = planned_jobs(work, code, args=tuple(s3.args("wf")))
+    jobs = planned_jobs(work, code, args=tuple(s3.args("wf")), plugins=True)
     stages = ("manifest", "caption", "shard", "encode_mine")  # encode: one job per latent folder
     assert {r: jobs.get(r) for r in stages} == dict.fromkeys(stages, 1), jobs

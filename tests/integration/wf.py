@@ -13,6 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+TEST_PLUGINS = Path(sys.prefix) / "test-plugins"  # tools/bootstrap.sh; tests/conftest.py
 COPY = ("Snakefile", "rules", "scripts", "src", "schemas", "envs", "profiles", "config")
 
 
@@ -63,8 +64,11 @@ def small_config(
     }
 
 
-def snakemake(workdir: Path, *args: str, code: Path | None = None, check: bool = True):
-    """Run snakemake on ``workdir`` with its cfg.yaml; returns the CompletedProcess."""
+def snakemake(
+    workdir: Path, *args: str, code: Path | None = None, check: bool = True, plugins: bool = False
+):
+    """Run snakemake on ``workdir`` with its cfg.yaml; returns the CompletedProcess.
+    ``plugins``: with Snakemake's SLURM and S3 plugins (tools/bootstrap.sh's test-plugins)."""
     code = code or REPO
     cmd = [
         SNAKEMAKE,
@@ -80,6 +84,8 @@ def snakemake(workdir: Path, *args: str, code: Path | None = None, check: bool =
     ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
     env.pop("PYTHONPATH", None)
+    if plugins:
+        env["PYTHONPATH"] = str(TEST_PLUGINS)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -89,10 +95,15 @@ def snakemake(workdir: Path, *args: str, code: Path | None = None, check: bool =
 
 
 def planned_jobs(
-    workdir: Path, code: Path | None = None, *targets: str, args: tuple[str, ...] = ()
+    workdir: Path,
+    code: Path | None = None,
+    *targets: str,
+    args: tuple[str, ...] = (),
+    plugins: bool = False,
 ) -> dict[str, int]:
     """Jobs a dry run would execute, as {rule: count} (empty when nothing is to be done)."""
-    out = snakemake(workdir, *targets, "-n", "--quiet", "rules", *args, code=code)
+    out = snakemake(workdir, *targets, "-n", "--quiet", "rules", *args, code=code,
+                    plugins=plugins)  # fmt: skip
     text = out.stdout + out.stderr
     if "Nothing to be done" in text:
         return {}

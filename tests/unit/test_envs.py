@@ -34,8 +34,8 @@ def test_conda_env_pins_what_pyproject_pins():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     env = _env()
     wanted = dict(_split(r) for r in project["dependencies"])
-    # the Snakemake plugins jobs need on a cluster or with object storage (dev extras)
-    for r in project["optional-dependencies"]["dev"]:
+    # the Snakemake plugins jobs need on a cluster or with object storage (cluster extras)
+    for r in project["optional-dependencies"]["cluster"]:
         name, spec = _split(r)
         if name.startswith("snakemake-"):
             wanted[name] = spec
@@ -44,3 +44,16 @@ def test_conda_env_pins_what_pyproject_pins():
         assert conda in env, f"envs/lorapipe.yaml lacks {conda} ({name}{spec} in pyproject.toml)"
         assert env[conda] == spec, f"{conda}: {env[conda]} in envs/, {spec} in pyproject.toml"
     assert "python" in env
+
+
+def test_the_tests_get_the_plugins_the_cluster_extras_pin():
+    """tools/bootstrap.sh installs pyproject's cluster extras, and the jobstep plugin the SLURM
+    one runs jobs with, apart for the tests (TEST_PLUGINS): the same pins."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    cluster = dict(_split(r) for r in project["optional-dependencies"]["cluster"])
+    line = re.search(r'^TEST_PLUGINS="([^"]*)"', (REPO / "tools" / "bootstrap.sh").read_text(),
+                     re.M)  # fmt: skip
+    assert line, "tools/bootstrap.sh: no TEST_PLUGINS line"
+    pins = dict(_split(r) for r in line.group(1).split())
+    assert {k: pins.get(k) for k in cluster} == cluster
+    assert set(pins) - set(cluster) == {"snakemake-executor-plugin-slurm-jobstep"}
