@@ -65,18 +65,20 @@ class LiveTracker:
         self._resumed_step = 0
         self._last_send = time.monotonic()
         self._next_try = 0.0
-        self._flush_req = self._flush_done = self._attempts = 0
+        self._flush_req = self._flush_done = 0
+        self._tried = False  # an attempt has ended (set with the condition held, then notified)
         self._progress = 0
         self._closing: str | None = None
         self._thread: threading.Thread | None = None
         self._env_set: list[str] = []
 
     # -- called by the training loop ------------------------------------------------------------
-    def start(self, backlog: list[dict] = (), resumed_step: int = 0, wait_s: float = 10.0) -> None:
+    def start(self, backlog: list[dict] = (), resumed_step: int = 0, wait_s: float = 0.0) -> None:
         """Start the worker; ``backlog`` (the restored metrics of a resumed run) is sent first.
 
-        Waits up to ``wait_s`` for the first attempt to reach the store, so that a healthy store
-        has the run (and `run_id` is known) from the first step on.
+        Waits up to ``wait_s`` (default: not at all) for the first attempt to reach the store:
+        training goes on while the worker opens the run (0.25 s of a sqlite store, #17). What
+        needs the run id waits for that attempt with `reached`.
         """
         try:
             # Imported here, in the training thread, before the worker starts: two threads
@@ -97,8 +99,19 @@ class LiveTracker:
         self._pending = list(backlog)
         self._thread = threading.Thread(target=self._loop, name="mlflow-live", daemon=True)
         self._thread.start()
+        if wait_s > 0:
+            self.reached(wait_s)
+
+    def reached(self, timeout: float = 10.0) -> bool:
+        """Wait up to ``timeout`` for the worker's first attempt to reach the store to end (the
+        exported files name the MLflow run: `run_id`); whether the store was reached."""
+        if self._thread is None:
+            return False
         with self._cond:
-            self._cond.wait_for(lambda: self._attempts > 0, timeout=wait_s)
+            self._cond.wait_for(
+                lambda: self._tried or not self._thread.is_alive(), timeout=timeout
+            )
+        return self.run_id is not None
 
     def log(self, record: dict) -> None:
         """Queue one step's metrics (a metrics.jsonl record)."""
@@ -177,6 +190,7 @@ class LiveTracker:
             with self._cond:
                 self._pending[:0] = batch[sent:]
                 self._flush_done = req
+                self._tried = True
                 self._cond.notify_all()
             if closing:
                 self._finish(closing)
@@ -185,7 +199,6 @@ class LiveTracker:
     def _attempt(self, batch: list[dict]) -> int:
         """Reach the store if needed and send ``batch``; returns how many records were sent."""
         self._progress = 0
-        self._attempts += 1
         try:
             if self._client is None:
                 self._connect()

@@ -116,7 +116,9 @@ class State:
 
     def file_meta(self) -> dict[str, str]:
         """Metadata of every exported file: the run's trace, and the MLflow run id if any."""
-        run_id = self.tracker.run_id if self.tracker is not None else None
+        # the tracker opens the MLflow run while training starts: the first export waits for it
+        tracker = self.tracker
+        run_id = tracker.run_id if tracker is not None and tracker.reached() else None
         return {**self.export_meta, **({"lorapipe_mlflow_run_id": run_id} if run_id else {})}
 
     def text_encoders(self) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +70,26 @@ def test_metrics_arrive_while_training_and_run_ends_finished(tmp_path, monkeypat
     assert steps(uri, t.run_id, "data_wait") == list(range(1, 10))
     assert steps(uri, t.run_id, "skipped") == []  # not a metric
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # restored
+
+
+def test_training_does_not_wait_for_the_store_and_the_first_export_does(tmp_path, monkeypatch):
+    """start() returns while the worker still opens the run (training goes on, #17); reached()
+    waits for that first attempt, after which run_id names the run the exports record."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real, gate = live_tracking.open_run, threading.Event()
+
+    def slow_open_run(*args, **kw):
+        gate.wait(10)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(live_tracking, "open_run", slow_open_run)
+    t = tracker(uri)
+    t.start()
+    t.log(record(1))
+    assert t.run_id is None and not t.reached(0.2)  # still opening: step 1 went on without it
+    gate.set()
+    assert t.reached(10) and t.run_id is not None
+    assert t.close("FINISHED") == t.run_id and steps(uri, t.run_id) == [1]
 
 
 def test_resume_continues_the_run_without_duplicate_points(tmp_path):
