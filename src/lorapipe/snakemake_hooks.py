@@ -18,9 +18,23 @@ main process spent 0.4-0.7 s after its last line and, after a run with jobs, up 
   1 s by default) on every pass of its loop, and the interpreter waits for the pending ones
   before it exits. `cancel_scheduler_timers` cancels them once the run has ended (the Snakefile's
   ``onsuccess``/``onerror``), when nothing is left for them to wake.
+
+A plan without pandas:
+
+Snakemake's main process asks of every rule's params whether they are pandas, polars or numpy
+objects, and imports those libraries to ask (snakemake 9: the script object of every script job,
+`iocontainers.Snakemake._safely_store_params`; the params check of every plan,
+`persistence.PersistenceBase._serialize_param`). pandas is installed (MLflow needs it), so every
+invocation imported it: 0.3-0.5 s of a 1.8-2.5 s run with nothing to do (bench/README.md).
+(numpy comes with Snakemake's own command line, through yte.) `probe_params_without_importing`
+answers those two probes "not installed" for each of these libraries that nothing has imported
+yet, which is exact: no value can be an instance of a type that was never imported. One that is
+imported (a Snakefile that uses pandas, a plugin that imports it) is probed as before, and
+anyone may still import any of them.
 """
 
 import atexit
+import contextlib
 import gc
 import sys
 import threading
@@ -77,3 +91,56 @@ def cancel_scheduler_timers() -> int:
             thread.cancel()
             cancelled += 1
     return cancelled
+
+
+# What Snakemake's main process imports only to ask whether a value is one of their types.
+PROBED = ("pandas", "polars", "numpy")
+
+
+@contextlib.contextmanager
+def _unimported_as_absent(names=PROBED):
+    """While inside: each of ``names`` not imported yet is "not installed" (None in sys.modules:
+    its import raises ModuleNotFoundError, importlib.util.find_spec gives None)."""
+    marked = [n for n in names if n not in sys.modules]
+    for n in marked:
+        sys.modules[n] = None
+    try:
+        yield
+    finally:
+        for n in marked:
+            if n in sys.modules and sys.modules[n] is None:
+                del sys.modules[n]
+
+
+def probe_params_without_importing() -> list[str]:
+    """Wrap Snakemake's two params type probes in `_unimported_as_absent` (see the module doc);
+    the names of what is wrapped. Idempotent. Where this Snakemake has neither (another version),
+    nothing is wrapped and they import as before (a test pins the wrapped ones)."""
+    wrapped = []
+    iocontainers = sys.modules.get("snakemake.iocontainers")
+    script_cls = getattr(iocontainers, "Snakemake", None)
+    store = getattr(script_cls, "_safely_store_params", None)
+    if store is not None:
+        if not getattr(store, "_lorapipe_probe", False):
+
+            def stored(self, params, _store=store):
+                with _unimported_as_absent():
+                    return _store(self, params)
+
+            stored._lorapipe_probe = True
+            script_cls._safely_store_params = stored
+        wrapped.append("iocontainers.Snakemake._safely_store_params")
+    persistence = sys.modules.get("snakemake.persistence")
+    persistence_cls = getattr(persistence, "PersistenceBase", None)
+    prop = getattr(persistence_cls, "__dict__", {}).get("_serialize_param")
+    if isinstance(prop, property) and prop.fget is not None:
+        if not getattr(prop.fget, "_lorapipe_probe", False):
+
+            def serializer(self, _choose=prop.fget):
+                with _unimported_as_absent():
+                    return _choose(self)  # (cached per persistence by Snakemake's lru_cache)
+
+            serializer._lorapipe_probe = True
+            persistence_cls._serialize_param = property(serializer)
+        wrapped.append("persistence.PersistenceBase._serialize_param")
+    return wrapped
