@@ -100,7 +100,9 @@ PROBED = ("pandas", "polars", "numpy")
 @contextlib.contextmanager
 def _unimported_as_absent(names=PROBED):
     """While inside: each of ``names`` not imported yet is "not installed" (None in sys.modules:
-    its import raises ModuleNotFoundError, importlib.util.find_spec gives None)."""
+    its import raises ModuleNotFoundError, importlib.util.find_spec gives None). For that
+    moment it is so for every thread: an import of pandas on another thread right then would
+    fail too (Snakemake's main process makes none beside these probes)."""
     marked = [n for n in names if n not in sys.modules]
     for n in marked:
         sys.modules[n] = None
