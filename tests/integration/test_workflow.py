@@ -123,6 +123,18 @@ def test_second_run_does_nothing(wf):
     assert planned_jobs(work, code) == {}
 
 
+def test_a_run_with_nothing_to_do_imports_no_pandas(wf):
+    """Snakemake checks every job's params for changes, and imported pandas (installed for
+    MLflow) to do it: 0.3-0.5 s of every invocation; common.smk's hook keeps it out (#17)."""
+    code, work = wf
+    proc = snakemake(work, "--quiet", code=code, python=("-X", "importtime"))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}  # fmt: skip
+    assert {"snakemake.persistence", "lorapipe.snakemake_hooks"} <= imported
+    assert "pandas" not in imported
+
+
 def test_changing_a_training_parameter_reruns_only_that_run(wf):
     code, work = wf
     jobs = planned_with(work, code, config(lr=5e-4))

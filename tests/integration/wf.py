@@ -65,13 +65,15 @@ def small_config(
 
 
 def snakemake(
-    workdir: Path, *args: str, code: Path | None = None, check: bool = True, plugins: bool = False
-):
+    workdir: Path, *args: str, code: Path | None = None, check: bool = True, plugins: bool = False,
+    python: tuple[str, ...] = (),
+):  # fmt: skip
     """Run snakemake on ``workdir`` with its cfg.yaml; returns the CompletedProcess.
-    ``plugins``: with Snakemake's SLURM and S3 plugins (tools/bootstrap.sh's test-plugins)."""
+    ``plugins``: with Snakemake's SLURM and S3 plugins (tools/bootstrap.sh's test-plugins).
+    ``python``: interpreter options (``("-X", "importtime")``), run as ``python -m snakemake``."""
     code = code or REPO
     cmd = [
-        SNAKEMAKE,
+        *([sys.executable, *python, "-m", "snakemake"] if python else [SNAKEMAKE]),
         "--snakefile",
         str(code / "Snakefile"),
         "--directory",
