@@ -35,6 +35,7 @@ anyone may still import any of them.
 
 import atexit
 import contextlib
+import functools
 import gc
 import sys
 import threading
@@ -114,35 +115,34 @@ def _unimported_as_absent(names=PROBED):
                 del sys.modules[n]
 
 
+def _guarded(fn):
+    """``fn`` run inside `_unimported_as_absent`; ``fn`` itself when it is such a wrapper."""
+    if getattr(fn, "_lorapipe_probe", False):
+        return fn
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        with _unimported_as_absent():
+            return fn(*args, **kwargs)
+
+    guarded._lorapipe_probe = True
+    return guarded
+
+
 def probe_params_without_importing() -> list[str]:
     """Wrap Snakemake's two params type probes in `_unimported_as_absent` (see the module doc);
     the names of what is wrapped. Idempotent. Where this Snakemake has neither (another version),
     nothing is wrapped and they import as before (a test pins the wrapped ones)."""
     wrapped = []
-    iocontainers = sys.modules.get("snakemake.iocontainers")
-    script_cls = getattr(iocontainers, "Snakemake", None)
+    script_cls = getattr(sys.modules.get("snakemake.iocontainers"), "Snakemake", None)
     store = getattr(script_cls, "_safely_store_params", None)
     if store is not None:
-        if not getattr(store, "_lorapipe_probe", False):
-
-            def stored(self, params, _store=store):
-                with _unimported_as_absent():
-                    return _store(self, params)
-
-            stored._lorapipe_probe = True
-            script_cls._safely_store_params = stored
+        script_cls._safely_store_params = _guarded(store)
         wrapped.append("iocontainers.Snakemake._safely_store_params")
-    persistence = sys.modules.get("snakemake.persistence")
-    persistence_cls = getattr(persistence, "PersistenceBase", None)
+    persistence_cls = getattr(sys.modules.get("snakemake.persistence"), "PersistenceBase", None)
     prop = getattr(persistence_cls, "__dict__", {}).get("_serialize_param")
     if isinstance(prop, property) and prop.fget is not None:
-        if not getattr(prop.fget, "_lorapipe_probe", False):
-
-            def serializer(self, _choose=prop.fget):
-                with _unimported_as_absent():
-                    return _choose(self)  # (cached per persistence by Snakemake's lru_cache)
-
-            serializer._lorapipe_probe = True
-            persistence_cls._serialize_param = property(serializer)
+        # (the chosen serializer stays cached per persistence by Snakemake's lru_cache)
+        persistence_cls._serialize_param = property(_guarded(prop.fget))
         wrapped.append("persistence.PersistenceBase._serialize_param")
     return wrapped
