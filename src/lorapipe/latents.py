@@ -147,8 +147,7 @@ class _Encoders:
         pixels = np.stack([np.asarray(img, dtype=np.float32) for _, img, _ in chunk])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device) / 127.5 - 1.0
         dist = self.vae.encode(x).latent_dist
-        captions = [m["caption"] for _, _, m in chunk]
-        self._keep_texts(captions, self.text(captions))
+        self._encode_new([m["caption"] for _, _, m in chunk])
         var_texts = [
             [caption_variant(m["caption"], key, k, variants) for k in range(n_var)]
             for key, _, m in chunk
@@ -156,8 +155,7 @@ class _Encoders:
         if n_var:
             flat = [t for texts in var_texts for t in texts]
             for b in range(0, len(flat), batch_size * n_var):
-                part = flat[b : b + batch_size * n_var]
-                self._keep_texts(part, self.text(part))
+                self._encode_new(flat[b : b + batch_size * n_var])
         out = {}
         for j, (key, _, meta) in enumerate(chunk):
             tensors = {"mean": dist.mean[j], "logvar": dist.logvar[j]}
@@ -167,6 +165,15 @@ class _Encoders:
                 meta["text_variant_refs"] = [text_ref(t) for t in var_texts[j]]
             out[key] = (meta, self.blob(tensors))
         return out
+
+    def _encode_new(self, prompts: list[str]) -> None:
+        """Encode the distinct prompts not kept yet, once each (a dataset of template or
+        trigger-only captions runs the text encoder once, not once per image, #17). The CLIP
+        text encoders are batch-invariant on CPU, so the kept bytes are those of encoding every
+        prompt of the chunk."""
+        new = list(dict.fromkeys(p for p in prompts if text_ref(p) not in self.texts))
+        if new:
+            self._keep_texts(new, self.text(new))
 
     def _keep_texts(self, prompts: list[str], outputs: dict) -> None:
         """Store each distinct prompt's outputs once (the first encoding of it is kept)."""

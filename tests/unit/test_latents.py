@@ -198,3 +198,35 @@ def test_training_uses_variants_and_the_cached_empty_prompt(
     assert "text_encoder" in loaded[-1]
     assert cached == encoded_now
     assert lora("variants", encoded) != cached
+
+
+def test_each_distinct_caption_is_encoded_once(tmp_path, demo_images, tiny_model, monkeypatch):
+    """Template captions ("a x" for every image without a sidecar .txt): the text encoder runs
+    once per distinct caption (and the empty prompt), not once per image; each sample's cached
+    text is its caption's own encoding."""
+    import torch
+
+    from lorapipe import latents
+
+    files = list_images(demo_images)[:6]
+    scan_shard(demo_images, files, ScanSettings(64, 0.5, 10**8, "#ffffff"), tmp_path / "m.jsonl")
+    caption_shard(demo_images, tmp_path / "m.jsonl",
+                  CaptionSettings("template", "a {trigger}", "x"), tmp_path / "cc",
+                  tmp_path / "c.jsonl", overrides={})  # fmt: skip
+    write_shard(demo_images, tmp_path / "m.jsonl", tmp_path / "c.jsonl",
+                ShardSettings(64, 16, True, 10**8, "#ffffff"), tmp_path / "s.tar",
+                tmp_path / "s.jsonl")  # fmt: skip
+    seen: list[list[str]] = []
+    real = latents._Encoders.text
+    monkeypatch.setattr(latents._Encoders, "text",
+                        lambda self, prompts: seen.append(list(prompts)) or real(self, prompts))
+    out = tmp_path / "l.tar"
+    n = latents.encode_shard(tmp_path / "s.tar", tiny_model, out, batch_size=2)
+    assert n >= 4  # (the demo's broken image may be among them)
+    samples, _ = latents.load_latent_cache([str(out)])
+    captions = [s["meta"]["caption"] for s in samples]
+    assert len(samples) == n and "a x" in captions and len(set(captions)) < n
+    flat = [p for call in seen for p in call]
+    assert sorted(flat) == sorted({"", *captions})  # each distinct prompt once
+    for s in samples:
+        assert torch.equal(s["text"], encode_text(tiny_model, [s["meta"]["caption"]])[0])
