@@ -173,14 +173,9 @@ class _Encoders:
         prompt of the chunk."""
         new = list(dict.fromkeys(p for p in prompts if text_ref(p) not in self.texts))
         if new:
-            self._keep_texts(new, self.text(new))
-
-    def _keep_texts(self, prompts: list[str], outputs: dict) -> None:
-        """Store each distinct prompt's outputs once (the first encoding of it is kept)."""
-        for j, prompt in enumerate(prompts):
-            ref = text_ref(prompt)
-            if ref not in self.texts:
-                self.texts[ref] = self.blob({k: v[j] for k, v in outputs.items()})
+            outputs = self.text(new)
+            for j, prompt in enumerate(new):
+                self.texts[text_ref(prompt)] = self.blob({k: v[j] for k, v in outputs.items()})
 
 
 def _write_latent_tar(outs: list, encoded: dict, texts: dict, empty_blob: bytes,

@@ -21,10 +21,16 @@ def sha(p: Path) -> str:
 @pytest.fixture(scope="module")
 def image_shard(tmp_path_factory, demo_images) -> Path:
     """One image shard of the demo images, captioned with comma-separated tags."""
-    d = tmp_path_factory.mktemp("lat")
+    files = list_images(demo_images)[:6]
+    overrides = {f: f"thing, red, blue, green, square, {i}" for i, f in enumerate(files)}
+    return make_shard(tmp_path_factory.mktemp("lat"), demo_images, overrides)
+
+
+def make_shard(d: Path, demo_images: Path, overrides: dict) -> Path:
+    """An image shard of the first 6 demo images in ``d``: template captions "a x" where
+    ``overrides`` (and the demo's sidecar .txt files) give none."""
     files = list_images(demo_images)[:6]
     scan_shard(demo_images, files, ScanSettings(64, 0.5, 10**8, "#ffffff"), d / "m.jsonl")
-    overrides = {f: f"thing, red, blue, green, square, {i}" for i, f in enumerate(files)}
     caption_shard(demo_images, d / "m.jsonl", CaptionSettings("template", "a {trigger}", "x"),
                   d / "cc", d / "c.jsonl", overrides=overrides)
     write_shard(demo_images, d / "m.jsonl", d / "c.jsonl",
@@ -208,20 +214,13 @@ def test_each_distinct_caption_is_encoded_once(tmp_path, demo_images, tiny_model
 
     from lorapipe import latents
 
-    files = list_images(demo_images)[:6]
-    scan_shard(demo_images, files, ScanSettings(64, 0.5, 10**8, "#ffffff"), tmp_path / "m.jsonl")
-    caption_shard(demo_images, tmp_path / "m.jsonl",
-                  CaptionSettings("template", "a {trigger}", "x"), tmp_path / "cc",
-                  tmp_path / "c.jsonl", overrides={})  # fmt: skip
-    write_shard(demo_images, tmp_path / "m.jsonl", tmp_path / "c.jsonl",
-                ShardSettings(64, 16, True, 10**8, "#ffffff"), tmp_path / "s.tar",
-                tmp_path / "s.jsonl")  # fmt: skip
+    shard = make_shard(tmp_path, demo_images, overrides={})
     seen: list[list[str]] = []
     real = latents._Encoders.text
     monkeypatch.setattr(latents._Encoders, "text",
                         lambda self, prompts: seen.append(list(prompts)) or real(self, prompts))
     out = tmp_path / "l.tar"
-    n = latents.encode_shard(tmp_path / "s.tar", tiny_model, out, batch_size=2)
+    n = latents.encode_shard(shard, tiny_model, out, batch_size=2)
     assert n >= 4  # (the demo's broken image may be among them)
     samples, _ = latents.load_latent_cache([str(out)])
     captions = [s["meta"]["caption"] for s in samples]
