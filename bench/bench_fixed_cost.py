@@ -147,6 +147,26 @@ def job_times(spans: list[tuple[str, float, float]]) -> dict[str, list[float]]:
     return dict(out)
 
 
+def benchmark_times(work: Path, since: float) -> dict[str, list[float]]:
+    """{stage: [seconds of each job]} from Snakemake's ``benchmark:`` files written after
+    ``since`` (``benchmarks/<stage>/...tsv``, column ``s``): the job's own process from its start
+    to its exit. `job_spans` takes a job's end from its last output's mtime and its start from the
+    moment Snakemake marked it started, which can be well before its process began (a fresh sd15
+    run's run_config: 14.6 s there, 4.8 s in its benchmark file); both are kept, since the gap
+    between them is the scheduler's."""
+    out: dict[str, list[float]] = defaultdict(list)
+    root = work / "benchmarks"
+    for f in sorted(root.rglob("*.tsv")) if root.is_dir() else ():
+        try:
+            if f.stat().st_mtime < since:
+                continue
+            header, row = (line.split("\t") for line in f.read_text().splitlines()[:2])
+            out[f.relative_to(root).parts[0]].append(float(row[header.index("s")]))
+        except (OSError, ValueError):
+            continue
+    return dict(out)
+
+
 def timeline(spans: list[tuple[str, float, float]], t0: float) -> list[list]:
     """[rule, start, end] of each of `job_spans`, in seconds from ``t0``: where a run's wall
     time goes (what runs side by side, and the gaps before the first job and after the last)."""
@@ -170,6 +190,7 @@ def run(work: Path, args: list[str], cores: int) -> dict:
         "jobs": sum(n for r, n in jobs.items() if r != "all"),
         "planned": jobs,
         "times": job_times(spans),
+        "benchmark_s": benchmark_times(work, t0),
         "timeline": timeline(spans, t0),
         "load": [load0, load_average()],
     }

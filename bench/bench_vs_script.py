@@ -419,7 +419,9 @@ def md_table(rows: list[dict]) -> str:
 
 
 def breakdown(results: list[dict]) -> list[dict]:
-    """Where the fresh run's time went (medians): lorapipe's job seconds per rule, the script's
+    """Where the fresh run's time went (medians): lorapipe's job seconds per rule (``job``:
+    Snakemake's records, from marked started to the last output; ``process``: the job's own
+    process, from its ``benchmark:`` file), the script's
     start-up to the end of its first step, its other steps, and what follows the last."""
     rows = []
     for name in dict.fromkeys(r["model"] for r in results):
@@ -428,6 +430,10 @@ def breakdown(results: list[dict]) -> list[dict]:
         for rule in sorted({k for r in lp for k in r["times"]}):
             per = [sum(r["times"].get(rule, [])) for r in lp]
             rows.append({"model": name, "tool": "lorapipe", "part": f"job {rule}",
+                         "s (median)": median(per)})  # fmt: skip
+        for stage in sorted({k for r in lp for k in r.get("benchmark_s", {})}):
+            per = [sum(r["benchmark_s"].get(stage, [])) for r in lp]
+            rows.append({"model": name, "tool": "lorapipe", "part": f"process {stage}",
                          "s (median)": median(per)})  # fmt: skip
         for part in ("to_first_step_s", "steps_s", "after_last_step_s") if sc else ():
             rows.append({"model": name, "tool": "script", "part": part.removesuffix("_s"),
