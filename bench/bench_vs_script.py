@@ -421,8 +421,8 @@ def md_table(rows: list[dict]) -> str:
 def breakdown(results: list[dict]) -> list[dict]:
     """Where the fresh run's time went (medians): lorapipe's job seconds per rule (``job``:
     Snakemake's records, from marked started to the last output; ``process``: the job's own
-    process, from its ``benchmark:`` file), the script's
-    start-up to the end of its first step, its other steps, and what follows the last."""
+    process, from its ``benchmark:`` file), the script's start-up to the end of its first step,
+    its other steps, and what follows the last."""
     rows = []
     for name in dict.fromkeys(r["model"] for r in results):
         lp = [r["fresh"] for r in results if r["model"] == name and r["tool"] == "lorapipe"]
