@@ -3,7 +3,7 @@ from lorapipe.jobtime import start
 start(snakemake.log[0])  # phases to <log>.times.json (#17)
 from lorapipe.warm import delegate
 
-delegate(wait=True)  # in the workflow's warm worker when it serves this job (#17)
+delegate(wait=True, late=True)  # in the warm worker, once it has mlflow and matplotlib (#17)
 import torch
 
 from lorapipe.io import localized

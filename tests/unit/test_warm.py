@@ -337,3 +337,44 @@ def test_a_server_started_early_is_kept_when_another_snakemake_uses_it(tmp_path)
         other.kill()
         other.wait()
     assert gone(pid)
+
+
+def test_a_job_that_needs_the_late_modules_is_held_until_they_are_in(tmp_path, monkeypatch):
+    """While the server imports its late stage, a plain job is forked at once (it imports what
+    it needs itself), and a ``delegate(late=True)`` job (train: mlflow, matplotlib) is forked
+    once the late modules are in, so it never imports them beside the server (#17)."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "slowlate.py").write_text("import time\ntime.sleep(4)\n")  # a job comes meanwhile
+    (lib / "lastlate.py").write_text("import time\ntime.sleep(1)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{SRC}{os.pathsep}{lib}")
+    monkeypatch.setenv(warm.ENV, "")  # start sets it: restored after the test
+    stages = ("json", "|", "slowlate", "lastlate")  # first stage | late stage
+    path = warm.start(str(tmp_path / "w.log"), idle_s=0, modules=stages)
+    env = {**os.environ}
+    try:
+        deadline = time.monotonic() + 60
+        while "preloaded json in" not in Path(path + ".log").read_text():
+            assert time.monotonic() < deadline, Path(path + ".log").read_text()
+            time.sleep(0.02)
+        assert not os.path.exists(path + ".ready")  # the late stage is still importing
+        jobs = {}
+        for late in (True, False):
+            script = tmp_path / f"job-{late}.py"
+            script.write_text(
+                "import json, os, sys\npre = 'lastlate' in sys.modules\n"
+                f"from lorapipe.warm import delegate\ndelegate(wait=True, late={late})\n"
+                "print(json.dumps({'pre': pre, 'worker': os.environ.get('LORAPIPE_WARM_CHILD')}))\n"
+            )
+            pipe = subprocess.PIPE
+            jobs[late] = subprocess.Popen([sys.executable, str(script)], env=env, text=True,
+                                          stdout=pipe, stderr=pipe)  # fmt: skip
+        out = {late: p.communicate(timeout=60) for late, p in jobs.items()}
+        for late, p in jobs.items():
+            assert p.returncode == 0, out[late][1]
+        held, plain = (json.loads(out[k][0]) for k in (True, False))
+        assert held == {"pre": True, "worker": "1"}  # forked after the late stage: imported
+        assert plain == {"pre": False, "worker": "1"}  # forked between its two modules
+        assert "held until the late modules are in" in Path(path + ".log").read_text()
+    finally:
+        warm._send(path, {"kind": "stop"})
