@@ -538,10 +538,7 @@ class _Server:
             except OSError as e:  # its client is gone: nothing to run it for
                 _log(f"bad request: {e}")
             finally:
-                for fd in fds:
-                    os.close(fd)
-                if conn is not None:
-                    conn.close()
+                _close(conn, fds)
         self.held = []
 
     def loop(self) -> None:
@@ -645,10 +642,7 @@ class _Server:
         except (OSError, ValueError, KeyError) as e:
             _log(f"bad request: {e}")
         finally:
-            for fd in fds:
-                os.close(fd)
-            if conn is not None:
-                conn.close()
+            _close(conn, fds)
 
     def register(self, pid: int) -> None:
         try:
@@ -689,6 +683,14 @@ class _Server:
                 pass
         if not self.retired:
             _remove(self.path, self.path + ".ready")
+
+
+def _close(conn: socket.socket | None, fds: list[int]) -> None:
+    """A request's connection (None: kept for its child) and the standard streams it passed."""
+    for fd in fds:
+        os.close(fd)
+    if conn is not None:
+        conn.close()
 
 
 def _stamps(modules) -> dict:
