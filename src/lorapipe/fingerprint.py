@@ -4,7 +4,9 @@ Snakemake's "code" trigger sees a rule's script (by its mtime), not the package 
 every rule puts ``script_code(<its script>)`` into its params: a digest of every lorapipe module
 the script reaches through its imports, found statically (`script_modules`). Editing train.py
 restales the stages that import it, directly or not, and nothing else; no module list is kept by
-hand, so a new or split module is covered the moment something imports it.
+hand, so a new or split module is covered the moment something imports it. The few modules
+that decide only where a job runs and how it is timed or logged (`OUTPUT_NEUTRAL`) are followed
+through but not digested: editing them restales nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ _LOCATE: dict[tuple[Path, str], tuple[Path | None, bool] | None] = {}
 _IMPORTS: dict[tuple[Path, str, Path], frozenset[str]] = {}
 _CLOSURES: dict[tuple[Path, Path], tuple[str, ...]] = {}
 _DIGESTS: dict[tuple[Path, tuple[str, ...]], str] = {}
+
+# Modules of the package (paths relative to it) whose source never reaches what a stage writes:
+# they decide where a job's process runs (`warm`: in the warm worker or cold, the same code
+# either way), how its phases are timed (`jobtime`: a .times.json that is no target) and how
+# it logs (`logs`: the log file's format). Their bytes stay out of every code param, so an edit
+# to them does not make every user re-encode and retrain (an edit to warm did, stop 25). The
+# modules they import are still followed and digested. A module belongs here only if it imports
+# no package module but these (tests/unit/test_script_code.py checks it).
+OUTPUT_NEUTRAL = ("jobtime.py", "logs.py", "warm.py")
 
 
 def clear_code_cache() -> None:
@@ -212,9 +223,10 @@ def script_code(
     """sha256 (16 hex) of the source of every package module the named scripts reach: the
     ``code`` param of the rule running ``scripts/<name>.py``, ``script_code("train")``.
 
-    Several names give one digest over the union of their modules. Modules are named by their
-    path relative to the package's parent folder, so the digest is the same wherever the
-    checkout lives. ``scripts_dir`` defaults to the workflow's ``scripts/``.
+    Several names give one digest over the union of their modules, less `OUTPUT_NEUTRAL`'s.
+    Modules are named by their path relative to the package's parent folder, so the digest is
+    the same wherever the checkout lives. ``scripts_dir`` defaults to the workflow's
+    ``scripts/``.
     """
     if not scripts:
         raise ValueError("script_code: name at least one script")
@@ -226,6 +238,7 @@ def script_code(
         if not path.is_file():
             raise FileNotFoundError(f"script_code: no script {path}")
         modules.update(script_modules(path, pkg))
+    modules -= {f"{pkg.name}/{rel}" for rel in OUTPUT_NEUTRAL}
     key = (pkg, tuple(sorted(modules)))
     if key not in _DIGESTS:
         h = hashlib.sha256()

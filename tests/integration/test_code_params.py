@@ -6,7 +6,7 @@ from pathlib import Path
 
 from wf import copy_workflow, planned_jobs, small_config, snakemake, write_config
 
-from lorapipe.fingerprint import script_modules
+from lorapipe.fingerprint import OUTPUT_NEUTRAL, script_modules
 
 RUN_STAGES = {"run_config", "train", "export", "sample", "track"}
 
@@ -21,6 +21,8 @@ def _fake_model(root: Path) -> None:
 
 
 def test_fingerprint_edit_replans_run_config_and_downstream_not_the_manifest(tmp_path):
+    """And an edit to an output-neutral module (where a job runs, how it is timed or logged)
+    replans nothing."""
     from lorapipe.demo import make_demo_dataset
 
     code = copy_workflow(tmp_path / "code")
@@ -35,6 +37,12 @@ def test_fingerprint_edit_replans_run_config_and_downstream_not_the_manifest(tmp
     assert planned_jobs(work, code, target) == {}
     before = planned_jobs(work, code)  # the rest of the workflow was never built
     assert RUN_STAGES - {"run_config"} <= set(before) and "run_config" not in before
+
+    for rel in OUTPUT_NEUTRAL:  # run_config reaches each; none shapes what it writes
+        assert f"lorapipe/{rel}" in script_modules(code / "scripts" / "run_config.py")
+        with open(code / "src" / "lorapipe" / rel, "a") as fh:
+            fh.write("\n# an edit\n")
+    assert planned_jobs(work, code, target) == {}
 
     edited = code / "src" / "lorapipe" / "fingerprint.py"
     with open(edited, "a") as fh:

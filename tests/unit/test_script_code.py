@@ -263,7 +263,7 @@ def _copy_package(dest: Path) -> Path:
 
 def test_editing_a_module_restales_exactly_the_stages_that_reach_it(tmp_path):
     """Every module of a copy of the package, edited in turn: a stage's code param changes iff
-    its script reaches the module."""
+    its script reaches the module, and for no stage when the module is output-neutral."""
     pkg = _copy_package(tmp_path)
 
     def codes() -> dict[str, str]:
@@ -273,7 +273,7 @@ def test_editing_a_module_restales_exactly_the_stages_that_reach_it(tmp_path):
 
     reach = {s: set(script_modules(SCRIPTS_DIR / f"{s}.py", pkg)) for s in SCRIPTS}
     base = codes()
-    unchanged_seen = 0
+    unchanged_seen = neutral_seen = 0
     for path in sorted(pkg.rglob("*.py")):
         rel = path.relative_to(tmp_path).as_posix()
         original = path.read_bytes()
@@ -283,10 +283,27 @@ def test_editing_a_module_restales_exactly_the_stages_that_reach_it(tmp_path):
         finally:
             path.write_bytes(original)
         changed = {s for s in SCRIPTS if now[s] != base[s]}
-        assert changed == {s for s in SCRIPTS if rel in reach[s]}, rel
+        if path.relative_to(pkg).as_posix() in fingerprint.OUTPUT_NEUTRAL:
+            assert changed == set(), rel  # where a job runs, how it is timed: no restale
+            neutral_seen += 1
+        else:
+            assert changed == {s for s in SCRIPTS if rel in reach[s]}, rel
         unchanged_seen += len(SCRIPTS) - len(changed)
     assert unchanged_seen  # some edit left some stage fresh
+    assert neutral_seen == len(fingerprint.OUTPUT_NEUTRAL)
     assert codes() == base
+
+
+def test_output_neutral_modules_are_reached_and_import_only_each_other():
+    """Each module left out of the code params exists and is reached by a stage (no stale
+    entry), and imports no package module but the other neutral ones, so nothing that shapes
+    an output can sit behind it (what it imports is digested anyway)."""
+    neutral = {f"lorapipe/{rel}" for rel in fingerprint.OUTPUT_NEUTRAL}
+    reached = {m for s in SCRIPTS for m in script_modules(SCRIPTS_DIR / f"{s}.py")}
+    assert neutral <= reached
+    for rel in sorted(neutral):
+        named = _named_in(rel, (SRC / rel).read_text()) - {"lorapipe/__init__.py"}
+        assert named <= neutral, f"{rel} imports {named - neutral}"
 
 
 def test_editing_fingerprint_restales_run_config(tmp_path):
