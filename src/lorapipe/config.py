@@ -18,6 +18,7 @@ import copy
 import csv
 import difflib
 import functools
+import hashlib
 import io
 import json
 import math
@@ -371,7 +372,13 @@ def validate(config: dict) -> dict:
     if problems:
         _raise(problems)
     _normalise(config)
-    _family_defaults(config)
+    _family_defaults(config)  # reads model files: before the stored result's key is taken
+    entry = _checked_entry(config)
+    stored = _read_checked(entry)
+    if stored is not None:
+        config.clear()
+        config.update(stored)
+        return config
     cls = _validator_with_defaults(config)
     errors = sorted(
         cls(_schema()).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]
@@ -390,8 +397,80 @@ def validate(config: dict) -> dict:
         if where not in first or (e.validator == "type" and first[where].validator != "type"):
             first[where] = e
     _raise([_key_path(e) for e in first.values()] + non_finite)
+    _store_checked(entry, config)
     # Defaults inside `defaults:` apply to runs, which are resolved per run below.
     return config
+
+
+# -- the schema check, remembered by content ------------------------------------------------------
+#
+# Importing jsonschema, parsing the schema and checking a config cost every Snakemake plan
+# ~0.17 s of a ~2 s rerun that has nothing to do (#17). A config that passed is stored with the
+# defaults the schema filled in, keyed by the sha256 of everything the outcome depends on: the
+# config as it stands before the check (after the model-dependent defaults, which read files),
+# this module's source, the schema's bytes and jsonschema's version. So an entry cannot be
+# stale; only passes are stored (a failing config is checked, and explained, every time); a
+# config that JSON cannot hold exactly (a date, a non-string key, NaN, one mapping reached by two
+# YAML aliases) is checked every time too. One small file each under
+# ``$LORAPIPE_CACHE/config-checked/``, written atomically; a missing, unreadable or unwritable
+# cache only costs the check.
+_CHECKED_VERSION = 1
+
+
+def _plain_json(obj, seen: set[int]) -> bool:
+    """Whether JSON holds ``obj`` exactly: str keys, JSON scalars, finite floats, no container
+    reached twice (a YAML alias: filling one would fill the other)."""
+    if isinstance(obj, dict | list):
+        if id(obj) in seen:
+            return False
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            return all(isinstance(k, str) and _plain_json(v, seen) for k, v in obj.items())
+        return all(_plain_json(v, seen) for v in obj)
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    return obj is None or isinstance(obj, str | int | bool)
+
+
+def _checked_entry(config: dict) -> Path | None:
+    """Where a pass of ``config`` is stored; None when it cannot be keyed exactly."""
+    if not _plain_json(config, set()):
+        return None
+    from importlib import metadata
+
+    from .fingerprint import cache_root
+
+    try:
+        h = hashlib.sha256(f"{_CHECKED_VERSION}\0{metadata.version('jsonschema')}\0".encode())
+        for part in (Path(__file__), SCHEMA_PATH):
+            data = part.read_bytes()
+            h.update(f"{len(data)}\0".encode() + data)
+    except (OSError, metadata.PackageNotFoundError):
+        return None
+    h.update(json.dumps(config, allow_nan=False).encode())
+    return cache_root() / "config-checked" / f"{h.hexdigest()}.json"
+
+
+def _read_checked(entry: Path | None) -> dict | None:
+    if entry is None:
+        return None
+    try:
+        stored = json.loads(entry.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _store_checked(entry: Path | None, config: dict) -> None:
+    if entry is None:
+        return
+    from .io import atomic_write_text
+
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(entry, json.dumps(config, allow_nan=False))
+    except (OSError, ValueError):  # a read-only home must not stop a plan
+        pass
 
 
 @dataclass(frozen=True)

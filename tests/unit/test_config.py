@@ -164,3 +164,89 @@ def test_config_reference_is_generated_from_the_schema(repo):
         text=True,
     )
     assert out.returncode == 0, out.stdout
+
+
+# -- the schema check, remembered by content (#17) -----------------------------------------------
+
+
+@pytest.fixture()
+def checked_cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "config-checked"
+
+
+def _no_schema_check(monkeypatch):
+    """From here on, running the schema check fails the test."""
+    from lorapipe import config as lpconfig
+
+    def refuse(_config):
+        raise AssertionError("the schema check ran")
+
+    monkeypatch.setattr(lpconfig, "_validator_with_defaults", refuse)
+
+
+def test_a_passed_config_is_not_checked_again_and_gets_the_same_defaults(
+    cfg, checked_cache, monkeypatch
+):
+    first = load_config(copy.deepcopy(cfg), check_files=False)
+    assert len(list(checked_cache.glob("*.json"))) == 1
+    _no_schema_check(monkeypatch)
+    again = load_config(copy.deepcopy(cfg), check_files=False)
+    assert again == first and list(again) == list(first)  # same values, same key order
+    assert again["mlflow"]["experiment"] == "lorapipe"  # a schema default, from the entry
+    changed = copy.deepcopy(cfg)
+    changed["runs"]["demo"]["lora_rank"] = 8
+    with pytest.raises(AssertionError, match="schema check ran"):  # another config: checked
+        load_config(changed, check_files=False)
+
+
+def test_a_failing_config_is_never_stored_and_is_explained_each_time(cfg, checked_cache):
+    cfg["runs"]["demo"]["lora_rnak"] = 4
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"runs\.demo\.lora_rnak: unknown key"):
+            load_config(copy.deepcopy(cfg), check_files=False)
+    assert not checked_cache.exists() or not list(checked_cache.glob("*.json"))
+
+
+def test_the_entry_follows_the_schema_and_model_defaults_and_survives_corruption(
+    cfg, checked_cache, monkeypatch, tmp_path
+):
+    from lorapipe import config as lpconfig
+
+    load_config(copy.deepcopy(cfg), check_files=False)
+    # An edited schema is another key: checked again (here it fails, as the schema now says).
+    strict = tmp_path / "schema.yaml"
+    strict.write_text(lpconfig.SCHEMA_PATH.read_text() + "\nminProperties: 99\n")
+    with monkeypatch.context() as m:
+        m.setattr(lpconfig, "SCHEMA_PATH", strict)
+        lpconfig._schema.cache_clear()
+        try:
+            with pytest.raises(ConfigError, match="99"):
+                load_config(copy.deepcopy(cfg), check_files=False)
+        finally:
+            lpconfig._schema.cache_clear()
+    # The key is taken after the defaults that read the model on disk: an SDXL model gives its
+    # dataset 1024 px, and the same config over an SD model does not reuse that entry.
+    del cfg["datasets"]["demo"]["resolution"]
+    monkeypatch.setattr(lpconfig, "_family_of_block", lambda bm: "sdxl")
+    sdxl = load_config(copy.deepcopy(cfg), check_files=False)["datasets"]["demo"]["resolution"]
+    monkeypatch.setattr(lpconfig, "_family_of_block", lambda bm: "sd")
+    sd = load_config(copy.deepcopy(cfg), check_files=False)["datasets"]["demo"]["resolution"]
+    assert sdxl == 1024 and sd != 1024
+    for entry in checked_cache.glob("*.json"):
+        entry.write_text('{"truncated": ')
+    _no_schema_check(monkeypatch)
+    with pytest.raises(AssertionError, match="schema check ran"):  # unreadable: checked again
+        load_config(copy.deepcopy(cfg), check_files=False)
+
+
+def test_a_config_json_cannot_hold_exactly_is_checked_every_time(cfg, checked_cache):
+    from lorapipe.config import _plain_json
+
+    assert _plain_json(copy.deepcopy(cfg), set())
+    assert not _plain_json({"a": float("nan")}, set()) and not _plain_json({1: 2}, set())
+    assert not _plain_json({"when": __import__("datetime").date(2026, 1, 1)}, set())
+    aliased = copy.deepcopy(cfg)
+    aliased["datasets"]["again"] = aliased["datasets"]["demo"]  # a YAML alias: one mapping
+    load_config(aliased, check_files=False)  # passes, but is not stored
+    assert not checked_cache.exists() or not list(checked_cache.glob("*.json"))
