@@ -41,6 +41,7 @@ _LOCATE: dict[tuple[Path, str], tuple[Path | None, bool] | None] = {}
 _IMPORTS: dict[tuple[Path, str, Path], frozenset[str]] = {}
 _CLOSURES: dict[tuple[Path, Path], tuple[str, ...]] = {}
 _DIGESTS: dict[tuple[Path, tuple[str, ...]], str] = {}
+_EDGES: dict[tuple[Path, str], tuple[str, ...]] = {}
 
 # Modules of the package (paths relative to it) whose source never reaches what a stage writes:
 # they decide where a job's process runs (`warm`: in the warm worker or cold, the same code
@@ -54,7 +55,7 @@ OUTPUT_NEUTRAL = ("jobtime.py", "logs.py", "warm.py")
 
 def clear_code_cache() -> None:
     """Forget what `script_modules` and `script_code` found (for a process that edits source)."""
-    for cache in (_LOCATE, _IMPORTS, _CLOSURES, _DIGESTS):
+    for cache in (_LOCATE, _IMPORTS, _CLOSURES, _DIGESTS, _EDGES):
         cache.clear()
 
 
@@ -64,12 +65,12 @@ def _locate(src_root: Path, name: str) -> tuple[Path | None, bool] | None:
     folder without ``__init__.py`` (a namespace package: no source of its own)."""
     key = (src_root, name)
     if key not in _LOCATE:
-        base = src_root.joinpath(*name.split("."))
-        if (base / "__init__.py").is_file():
-            found = (base / "__init__.py", True)
-        elif base.with_name(base.name + ".py").is_file():
-            found = (base.with_name(base.name + ".py"), False)
-        elif base.is_dir():
+        base = os.path.join(src_root, *name.split("."))  # os.path: a plan makes ~1700 calls
+        if os.path.isfile(init := os.path.join(base, "__init__.py")):
+            found = (Path(init), True)
+        elif os.path.isfile(base + ".py"):
+            found = (Path(base + ".py"), False)
+        elif os.path.isdir(base):
             found = (None, True)
         else:
             found = None
@@ -199,20 +200,34 @@ def script_modules(script: str | os.PathLike, package_dir: str | os.PathLike = P
     key = (script, pkg)
     if key not in _CLOSURES:
         src_root, top = pkg.parent, pkg.name
-        seen: dict[str, Path | None] = {}
-        todo = [n for n in _module_imports(script, "", False, src_root) if n.split(".")[0] == top]
+        names = [n for n in _module_imports(script, "", False, src_root) if n.split(".")[0] == top]
+        seen: set[str] = set()
+        todo = [m for n in names for m in _reached(src_root, n)]
         while todo:
-            for mod in _reached(src_root, todo.pop()):
-                if mod in seen:
-                    continue
-                path, is_package = _locate(src_root, mod)
-                seen[mod] = path
-                if path is not None:
-                    imports = _module_imports(path, mod, is_package, src_root)
-                    todo.extend(n for n in imports if n.split(".")[0] == top)
-        rel = (p.relative_to(src_root).as_posix() for p in seen.values() if p is not None)
+            mod = todo.pop()
+            if mod not in seen:
+                seen.add(mod)
+                todo.extend(m for m in _edges(src_root, top, mod) if m not in seen)
+        files = (_locate(src_root, mod)[0] for mod in seen)
+        rel = (p.relative_to(src_root).as_posix() for p in files if p is not None)
         _CLOSURES[key] = tuple(sorted(rel))
     return list(_CLOSURES[key])
+
+
+def _edges(src_root: Path, top: str, mod: str) -> tuple[str, ...]:
+    """The package's modules that importing module ``mod`` runs directly (each import's
+    `_reached`), once per process: the scripts' closures overlap, so each module's edges are
+    found once for all of them, not once per script (#17: every plan computes all of them)."""
+    key = (src_root, mod)
+    if key not in _EDGES:
+        path, is_package = _locate(src_root, mod)
+        out: list[str] = []
+        if path is not None:
+            for n in _module_imports(path, mod, is_package, src_root):
+                if n.split(".")[0] == top:
+                    out.extend(_reached(src_root, n))
+        _EDGES[key] = tuple(dict.fromkeys(out))
+    return _EDGES[key]
 
 
 def script_code(
