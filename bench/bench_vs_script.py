@@ -19,7 +19,10 @@ constant schedule, steps, seed, CPU fp32 and ``--cores`` torch threads:
   encoder configs; lorapipe.tiny's offline tokenizer), saved once as a diffusers folder in
   ``bench/out/vs_script/models/`` (4.3 GB), the same 40 images at 128 px, batch 1, 8 steps;
 - ``sd15-512``: that model at 512 px, batch 1, 6 steps, the first 8 demo images, steady
-  images/s only (the script VAE-encodes every batch, lorapipe trains from cached latents).
+  images/s only (the script VAE-encodes every batch, lorapipe trains from cached latents);
+- ``sd15-epoch``: ``sd15`` with 40 steps, one epoch, so that each tool encodes every image once
+  (lorapipe ahead of training, the script in its steps); fresh and lr only. Not in the default
+  ``--models``: run it by name.
 
 Scenarios (per round, each tool in a fresh work folder under ``bench/out/vs_script/``; the
 tools alternate ABAB, the order reversed every other round):
@@ -99,6 +102,8 @@ MODELS = {
     "tiny": {"resolution": 64, "batch": 4, "steps": 60, "images": 40, "scenarios": SCENARIOS},
     "sd15": {"resolution": 128, "batch": 1, "steps": 8, "images": 40, "scenarios": SCENARIOS},
     "sd15-512": {"resolution": 512, "batch": 1, "steps": 6, "images": 8, "scenarios": ("fresh",)},
+    "sd15-epoch": {"resolution": 128, "batch": 1, "steps": 40, "images": 40,
+                   "scenarios": ("fresh", "lr")},  # fmt: skip
 }
 COMMON = {"rank": 4, "lr": 1.0e-3, "seed": 0}
 TEMPLATE, TRIGGER = "a picture in {trigger} style", "lorapipe"
