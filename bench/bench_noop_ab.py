@@ -44,7 +44,7 @@ def main() -> None:
             if r["jobs"]:
                 raise SystemExit(f"{label}: a no-op run planned {r['planned']}")
             walls[label].append(r["wall_s"])
-    diffs = [a - b for a, b in zip(walls["old"], walls["new"])]
+    diffs = [a - b for a, b in zip(walls["old"], walls["new"], strict=True)]
     result = {
         "old": args.old, "new": args.new, "walls": walls,
         "median_s": {k: median(v) for k, v in walls.items()},
