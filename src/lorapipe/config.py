@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from .fingerprint import read_cached_json, write_cached_json
 from .holdout import settings_problems as holdout_problems
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -373,9 +374,9 @@ def validate(config: dict) -> dict:
         _raise(problems)
     _normalise(config)
     _family_defaults(config)  # reads model files: before the stored result's key is taken
-    entry = _checked_entry(config)
-    stored = _read_checked(entry)
-    if stored is not None:
+    ident = _checked_ident(config)
+    stored = read_cached_json(_CHECKED, ident) if ident else None
+    if isinstance(stored, dict):
         config.clear()
         config.update(stored)
         return config
@@ -397,7 +398,8 @@ def validate(config: dict) -> dict:
         if where not in first or (e.validator == "type" and first[where].validator != "type"):
             first[where] = e
     _raise([_key_path(e) for e in first.values()] + non_finite)
-    _store_checked(entry, config)
+    if ident:
+        write_cached_json(_CHECKED, ident, config)
     # Defaults inside `defaults:` apply to runs, which are resolved per run below.
     return config
 
@@ -415,6 +417,7 @@ def validate(config: dict) -> dict:
 # ``$LORAPIPE_CACHE/config-checked/``, written atomically; a missing, unreadable or unwritable
 # cache only costs the check.
 _CHECKED_VERSION = 1
+_CHECKED = "config-checked"
 
 
 def _plain_json(obj, seen: set[int]) -> bool:
@@ -432,13 +435,11 @@ def _plain_json(obj, seen: set[int]) -> bool:
     return obj is None or isinstance(obj, str | int | bool)
 
 
-def _checked_entry(config: dict) -> Path | None:
-    """Where a pass of ``config`` is stored; None when it cannot be keyed exactly."""
+def _checked_ident(config: dict) -> str | None:
+    """The name of a pass of ``config`` in the cache; None when it cannot be keyed exactly."""
     if not _plain_json(config, set()):
         return None
     from importlib import metadata
-
-    from .fingerprint import cache_root
 
     try:
         h = hashlib.sha256(f"{_CHECKED_VERSION}\0{metadata.version('jsonschema')}\0".encode())
@@ -448,29 +449,7 @@ def _checked_entry(config: dict) -> Path | None:
     except (OSError, metadata.PackageNotFoundError):
         return None
     h.update(json.dumps(config, allow_nan=False).encode())
-    return cache_root() / "config-checked" / f"{h.hexdigest()}.json"
-
-
-def _read_checked(entry: Path | None) -> dict | None:
-    if entry is None:
-        return None
-    try:
-        stored = json.loads(entry.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return stored if isinstance(stored, dict) else None
-
-
-def _store_checked(entry: Path | None, config: dict) -> None:
-    if entry is None:
-        return
-    from .io import atomic_write_text
-
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(entry, json.dumps(config, allow_nan=False))
-    except (OSError, ValueError):  # a read-only home must not stop a plan
-        pass
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

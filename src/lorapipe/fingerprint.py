@@ -156,26 +156,41 @@ def _stored_names(source: bytes, name: str, is_package: bool, filename: str):
     ident = hashlib.sha256(
         f"{_NAMES_VERSION}\0{name}\0{int(is_package)}\0".encode() + source
     ).hexdigest()
-    entry = cache_root() / "script-imports" / f"{ident}.json"
+    stored = read_cached_json("script-imports", ident)
     try:
-        stored = json.loads(entry.read_text())
         return set(stored["imports"]), set(stored["mentions"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         pass
     try:
         imports, mentions = _imported_names(source, name, is_package, filename)
     except (SyntaxError, ValueError):  # ValueError: null bytes in the source
         return set(), set()
+    write_cached_json(
+        "script-imports", ident, {"imports": sorted(imports), "mentions": sorted(mentions)}
+    )
+    return imports, mentions
+
+
+def read_cached_json(kind: str, ident: str):
+    """The JSON of entry ``ident`` of cache folder ``kind`` (``$LORAPIPE_CACHE/<kind>/``, an
+    entry named by the sha256 of what its value depends on); None when missing or unreadable."""
+    try:
+        return json.loads((cache_root() / kind / f"{ident}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_cached_json(kind: str, ident: str, value) -> None:
+    """Store ``value`` as entry ``ident`` of cache folder ``kind``, atomically; a read-only or
+    unusable cache only costs the next process the work again."""
     from .io import atomic_write_text
 
+    entry = cache_root() / kind / f"{ident}.json"
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            entry, json.dumps({"imports": sorted(imports), "mentions": sorted(mentions)})
-        )
-    except OSError:  # a read-only home must not stop a plan
+        atomic_write_text(entry, json.dumps(value, allow_nan=False))
+    except (OSError, ValueError):  # a read-only home must not stop a plan
         pass
-    return imports, mentions
 
 
 def _reached(src_root: Path, dotted: str) -> list[str]:
