@@ -275,8 +275,8 @@ def get_mlflow_uri(wildcards):
 
 
 def get_light_threads(wildcards):
-    """A job that mostly reads (run_config: a fingerprint, hashing a base model on first use;
-    export: a LoRA file rewritten) takes no core of a local run's --cores, so that it runs
+    """A job that mostly reads (run_config: a fingerprint, hashing a base model on first use)
+    takes no core of a local run's --cores, so that it runs
     beside the encode or sample job that asks for all of a small machine's (#17); one core on a
     cluster, where threads are its CPU request.
     """

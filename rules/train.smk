@@ -23,8 +23,10 @@ rule run_config:
 
 
 rule train:
-    """LoRA training; checkpoints (and both export layouts of each saved step, in exports/) live
-    in results/checkpoints/ (never deleted by a rerun). Live metrics go to MLflow (mlflow.live).
+    """LoRA training and its two files: the diffusers layout and the kohya one (WebUI/ComfyUI,
+    written in this job, #17). Checkpoints (and both export layouts of each saved step, in
+    exports/) live in results/checkpoints/ (never deleted by a rerun). Live metrics go to MLflow
+    (mlflow.live).
     """
     input:
         config="results/runs/{run}/config.yaml",
@@ -34,8 +36,11 @@ rule train:
         val_latents_sha256=get_run_val_latent_sidecars,
         model=get_run_model_files,
         vae=get_run_vae_files,
+        captions=get_run_captions,  # the kohya file's tag counts (ss_tag_frequency)
     output:
         lora="results/runs/{run}/pytorch_lora_weights.safetensors",
+        # the same LoRA in kohya layout (WebUI/ComfyUI), named after the run, with ss_* metadata
+        kohya="results/runs/{run}/{run}.safetensors",
         metrics="results/runs/{run}/metrics.jsonl",
         loss=report(
             "results/runs/{run}/loss.png",
@@ -68,29 +73,7 @@ rule train:
             k: config["mlflow"][k]
             for k in ("live", "live_every_steps", "live_every_s")
         },
+        dataset=get_run_dataset,
         code=script_code("train"),
     script:
         "../scripts/train.py"
-
-
-rule export:
-    """The kohya-layout LoRA (WebUI/ComfyUI), named after the run, with ss_* metadata."""
-    input:
-        lora="results/runs/{run}/pytorch_lora_weights.safetensors",
-        config="results/runs/{run}/config.yaml",
-        summary="results/runs/{run}/train_summary.json",
-        captions=get_run_captions,
-    output:
-        "results/runs/{run}/{run}.safetensors",
-    log:
-        "logs/export/{run}.log",
-    benchmark:
-        "benchmarks/export/{run}.tsv"
-    conda:
-        ENV
-    threads: get_light_threads
-    params:
-        dataset=get_run_dataset,
-        code=script_code("export"),
-    script:
-        "../scripts/export.py"

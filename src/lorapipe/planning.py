@@ -462,7 +462,7 @@ class Planner:
         return [f"{tar}.sha256" for tar in self.run_latents(run)]
 
     def run_captions(self, run: str) -> list[str]:
-        """The caption files of a run's dataset (rule export counts them)."""
+        """The caption files of a run's dataset (rule train's kohya file counts their tags)."""
         ds = self.runs[run].dataset
         return [f"results/{ds}/captions/{s}.jsonl" for s in self.shard_ids(ds)]
 

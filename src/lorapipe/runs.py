@@ -281,6 +281,25 @@ def train_run(
     )  # fmt: skip
 
 
+def export_run(
+    config_yaml: str, lora: str, summary_json: str, captions: list[str], out: str, dataset: str
+) -> int:
+    """The kohya-layout file of a finished run (``out``), written by the train stage's job
+    right after training: ``lora`` (the diffusers-layout file) in kohya keys with ``ss_*`` and
+    ``modelspec.*`` metadata (`export_metadata`; facts train_summary.json lacks come from the
+    stage's metrics.jsonl and the shards' index files, where they sit beside ``captions``).
+    kohya's SDXL names follow the UNet's block layout, read from the base model's UNet config.
+    The number of tensors written."""
+    from .export import export_kohya
+
+    metrics = Path(summary_json).with_name("metrics.jsonl")
+    indexes = [c.replace("/captions/", "/shards/") for c in captions]
+    run_cfg, extra = export_metadata(config_yaml, summary_json, metrics, indexes)
+    bm = read_run_config(config_yaml, context=True)["base_model"]
+    unet_config = model_configs(bm["path"], bm.get("original_config")).get("unet")
+    return export_kohya(lora, out, run_cfg, extra, list(captions), dataset, unet_config=unet_config)
+
+
 def track_run(inputs, uri: str | None, experiment: str, out_json: str) -> str:
     """Log a finished run (the track rule's inputs) to MLflow."""
     from .mlflow_store import tracking_uri

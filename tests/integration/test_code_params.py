@@ -8,7 +8,7 @@ from wf import copy_workflow, planned_jobs, small_config, snakemake, write_confi
 
 from lorapipe.fingerprint import OUTPUT_NEUTRAL, script_modules
 
-RUN_STAGES = {"run_config", "train", "export", "sample", "track"}
+RUN_STAGES = {"run_config", "train", "sample", "track"}
 
 
 def _fake_model(root: Path) -> None:

@@ -11,7 +11,7 @@ from wf import copy_workflow, planned_jobs, small_config, snakemake, write_confi
 
 pytestmark = pytest.mark.slow
 
-RUN_STAGES = {"run_config", "train", "export", "sample", "track"}
+RUN_STAGES = {"run_config", "train", "sample", "track"}
 DATA_STAGES = ("manifest", "caption", "shard", "encode_mine")  # encode: one job per latent folder
 
 

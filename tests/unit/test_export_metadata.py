@@ -113,16 +113,15 @@ def make_run(work: Path, model: str = "models/sd2v", **run_over) -> dict:
 
 
 def export(work: Path, **run_over) -> dict:
-    """The export stage's work (scripts/export.py) on a run made by `make_run`."""
-    from lorapipe.export import export_kohya
-    from lorapipe.runs import export_metadata
+    """The kohya file the train stage's job writes once training ends (`runs.export_run`, from
+    scripts/train.py) on a run made by `make_run`."""
+    from lorapipe.runs import export_run
 
     r = make_run(work, **run_over)
     d = r["dir"]
-    run, extra = export_metadata(d / "config.yaml", d / "train_summary.json",
-                                 d / "metrics.jsonl", ["results/cats/shards/0.jsonl"])  # fmt: skip
-    export_kohya(d / "pytorch_lora_weights.safetensors", d / "cats.safetensors", run, extra,
-                 ["results/cats/captions/0.jsonl"], "cats")  # fmt: skip
+    export_run(str(d / "config.yaml"), str(d / "pytorch_lora_weights.safetensors"),
+               str(d / "train_summary.json"), ["results/cats/captions/0.jsonl"],
+               str(d / "cats.safetensors"), "cats")  # fmt: skip
     return read(d / "cats.safetensors")[1]
 
 

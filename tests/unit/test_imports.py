@@ -102,7 +102,7 @@ def test_distributed_is_a_leaf():
 SCRIPTS = PKG.parents[1] / "scripts"
 # The stages that load no model (#17): importing what their script imports pulls in neither
 # torch nor diffusers (~3 s and ~4 s a process here); the rest import torch, never at planning.
-LIGHT = ("best", "caption", "captions_review", "demo_data", "export", "manifest",
+LIGHT = ("best", "caption", "captions_review", "demo_data", "manifest",
          "merge_manifest", "run_config", "shard", "sweep_table", "tiny_model", "track")  # fmt: skip
 
 
