@@ -9,13 +9,14 @@ import os
 # Locally this job takes no core (threads 0): it runs beside the encode job that has them all.
 # Its first hash of a base model (sha256 of GBs) would take CPU from encode's threads, which wait
 # on the slowest one (encode ran 1.28 s an image beside it against 0.65 s alone, #17): it yields.
-if snakemake.threads == 0:
-    os.nice(10)
+niced = os.nice(10) if snakemake.threads == 0 else None
 from lorapipe.logs import setup
 from lorapipe.mlflow_store import ensure_sqlite_store, tracking_uri
 from lorapipe.runs import write_run_config
 
 log = setup(snakemake.log[0])
+if niced is not None:
+    log.info("beside the jobs that have the cores: CPU priority lowered by 10 (nice %d)", niced)
 p = snakemake.params
 fp = write_run_config(
     p.run, p.context, p.code, snakemake.input.manifest, p.context["base_model"]["path"],

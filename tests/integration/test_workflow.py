@@ -63,6 +63,9 @@ def test_first_run_outputs(wf):
             assert (d / name).stat().st_size > 0, name
         steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2, 3, 4]
+        # run_config takes no core of a local run: it yields the CPU to the encode job beside it
+        log = (work / "logs" / "run_config" / f"{run}.log").read_text()
+        assert "CPU priority lowered by 10" in log
     # r1 and r2 differ only in training settings: one base row of sample images for both, the
     # top row of each grid (rule sample_base)
     from PIL import Image
