@@ -295,6 +295,19 @@ def steady(images_per_step: int, ends: list[float]) -> float | None:
     return images_per_step * (len(ends) - 1) / (ends[-1] - ends[0])
 
 
+def stage_work(work: Path, since: float) -> dict[str, float]:
+    """Seconds of each stage's own work in the run that began at ``since``: the ``work`` phase
+    of its jobs' ``<log>.times.json`` (`lorapipe.jobtime`: no interpreter, imports, model
+    construction, Snakemake), summed per stage (the log folder's first part)."""
+    out: dict[str, float] = {}
+    for f in sorted((work / "logs").rglob("*.times.json")):
+        if f.stat().st_mtime < since:
+            continue  # an earlier run's
+        stage = f.relative_to(work / "logs").parts[0]
+        out[stage] = out.get(stage, 0.0) + float(json.loads(f.read_text()).get("work", 0.0))
+    return out
+
+
 def lorapipe_round(name: str, m: dict, src: Path, model: Path, work: Path, cores: int) -> dict:
     work = fresh_copy(src, work)
     demo_images(work / "data" / "mine", m["images"])
@@ -321,7 +334,9 @@ def lorapipe_round(name: str, m: dict, src: Path, model: Path, work: Path, cores
             summary = work / "results" / "runs" / "bench" / "train_summary.json"
         if sc in ("fresh", "fresh2"):
             stop_warm_workers()  # a first run starts its warm worker (#17); lr, noop find it
+        t0 = time.time()
         r = run(work, configs[sc], cores)
+        r["work_s"] = stage_work(work, t0)
         if sc != "noop" and summary.exists():
             s = json.loads(summary.read_text())
             r["steady"] = s.get("images_per_s_steady")
@@ -449,6 +464,28 @@ def md_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def floor(results: list[dict]) -> list[dict]:
+    """What no cut of the fixed cost can go below (medians): the work of the stages on a run's
+    critical path, encode then train (their ``work`` phases, `stage_work`), against the script's
+    whole run. ``floor/script`` is the ratio lorapipe would reach if Snakemake, interpreters,
+    imports, model construction, tracking and hand-overs all cost nothing."""
+    rows = []
+    for name in dict.fromkeys(r["model"] for r in results):
+        lp = [r for r in results if r["model"] == name and r["tool"] == "lorapipe"]
+        sc_ = [r for r in results if r["model"] == name and r["tool"] == "script"]
+        for sc in ("fresh", "lr"):
+            runs = [r[sc] for r in lp if "work_s" in r.get(sc, {})]
+            if not runs:
+                continue
+            enc = med([r["work_s"].get("encode", 0.0) for r in runs])
+            tr = med([r["work_s"].get("train", 0.0) for r in runs])
+            b = med([r[sc]["wall_s"] for r in sc_ if sc in r])
+            rows.append({"model": name, "scenario": sc, "encode work s": enc,
+                         "train work s": tr, "floor s": enc + tr, "script s": b,
+                         "floor/script": ratio(enc + tr, b)})  # fmt: skip
+    return rows
+
+
 def breakdown(results: list[dict]) -> list[dict]:
     """Where the fresh run's time went (medians): lorapipe's job seconds per rule (``job``:
     Snakemake's records, from marked started to the last output; ``process``: the job's own
@@ -523,16 +560,20 @@ def main() -> None:
                     shutil.rmtree(work, ignore_errors=True)
     rows = summarise(results)
     parts = breakdown(results)
+    floors = floor(results)
     print("\nwall s: lorapipe/script < 1 = lorapipe faster; img/s: > 1 = lorapipe faster; "
           "n: samples per median (rounds; for img/s the fresh and lr runs)\n")  # fmt: skip
     print(md_table(rows))
     print()
     print(md_table(parts))
+    print("\nfloor: lorapipe's encode + train work alone (no fixed cost at all) against the "
+          "script's whole run\n")  # fmt: skip
+    print(md_table(floors))
     write_result("vs_script", {
         "script": {"path": args.script, "sha256": script_sha},
         "diffusers": diffusers.__version__, "tree": args.tree, "cores": args.cores,
         "models": {n: {**MODELS[n], **COMMON, "lr2": LR2} for n in names},
-        "summary": rows, "breakdown": parts, "rounds": results,
+        "summary": rows, "breakdown": parts, "floor": floors, "rounds": results,
     })  # fmt: skip
 
 
