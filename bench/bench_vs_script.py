@@ -90,6 +90,7 @@ from _common import REPO, load_average, median, out_dir, stop_warm_workers, writ
 from bench_datawait import sd15_model as sd15_folder  # noqa: E402
 from bench_datawait import tiny_model  # noqa: E402
 from bench_fixed_cost import fresh_copy, materialise, run  # noqa: E402
+from bench_overhead import job_phases  # noqa: E402
 
 sys.path.insert(0, str(REPO / "src"))
 
@@ -298,13 +299,10 @@ def steady(images_per_step: int, ends: list[float]) -> float | None:
 def stage_work(work: Path, since: float) -> dict[str, float]:
     """Seconds of each stage's own work in the run that began at ``since``: the ``work`` phase
     of its jobs' ``<log>.times.json`` (`lorapipe.jobtime`: no interpreter, imports, model
-    construction, Snakemake), summed per stage (the log folder's first part)."""
+    construction, Snakemake; read by bench_overhead's `job_phases`), summed per rule."""
     out: dict[str, float] = {}
-    for f in sorted((work / "logs").rglob("*.times.json")):
-        if f.stat().st_mtime < since:
-            continue  # an earlier run's
-        stage = f.relative_to(work / "logs").parts[0]
-        out[stage] = out.get(stage, 0.0) + float(json.loads(f.read_text()).get("work", 0.0))
+    for rec in job_phases(work, since):
+        out[rec["rule"]] = out.get(rec["rule"], 0.0) + float(rec.get("work") or 0.0)
     return out
 
 
